@@ -1,0 +1,456 @@
+"""Dynamic Vision Transformer: a cascade of transformers on ever finer token grids.
+
+Stage k embeds the image into a g_k x g_k grid of tokens (7x7, 10x10, 14x14 for the released
+models) and classifies it with its own head. Later stages reuse the previous stage's final
+tokens (feature reuse) and its attention logits (relation reuse). ``model(x)`` runs every
+stage and returns the per-exit logits; ``model.forward_early_exit`` runs each stage only on
+the samples that earlier exits were not confident about.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .layers import Block, GridResample, TokenPerformer, sinusoid_table
+
+__all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "unfold_grid"]
+
+
+def unfold_grid(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Side of the grid produced by a convolution or unfold over ``size`` pixels."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def vit_patch_geometry(img_size: int, grid: int) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a non-overlapping patch embedding giving ``grid`` x ``grid``
+    tokens: the smallest patch that covers the image, padded evenly. At 224 pixels this is
+    32/0 for 7x7, 23/3 for 10x10 and 16/0 for 14x14, the geometries of DVT-DeiT."""
+    kernel = math.ceil(img_size / grid)
+    padding = (kernel * grid - img_size + 1) // 2
+    return kernel, kernel, padding
+
+
+class StageOutput(NamedTuple):
+    """What a stage hands to the next one.
+
+    logits: (B, num_classes) of this exit.
+    tokens: (B, N + 1, C) output of the last block, before the final norm.
+    relations: per-block attention logits (B, heads, N + 1, N + 1), or None when no later
+        stage reuses them.
+    """
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    relations: Optional[tuple[torch.Tensor, ...]]
+
+    def select(self, index: torch.Tensor) -> "StageOutput":
+        """The same output for a subset of the batch."""
+        relations = None if self.relations is None else tuple(r[index] for r in self.relations)
+        return StageOutput(self.logits[index], self.tokens[index], relations)
+
+
+class EarlyExitOutput(NamedTuple):
+    """logits: (B, num_classes) of the exit each sample left at; exit_index: (B,) long;
+    confidence: (B,) max softmax probability at that exit."""
+    logits: torch.Tensor
+    exit_index: torch.Tensor
+    confidence: torch.Tensor
+
+
+class DVTStage(nn.Module):
+    """One transformer of the cascade: token embedding (set by subclasses), class token and
+    position table, blocks, final norm and head, plus the modules that read the previous
+    stage (``feature_reuse_mlp`` in every block, ``relation_reuse_conv`` here)."""
+
+    def __init__(
+            self,
+            grid: int,
+            prev_grid: Optional[int],
+            embed_dim: int,
+            depth: int,
+            num_heads: int,
+            mlp_ratio: float,
+            qkv_bias: bool,
+            norm_layer,
+            num_classes: int,
+            feature_reuse: bool = False,
+            relation_reuse: bool = False,
+            reuse_dim: int = 48,
+            reuse_hidden: int = 128,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ) -> None:
+        super().__init__()
+        if prev_grid is None and (feature_reuse or relation_reuse):
+            raise ValueError("the first stage has no previous stage to reuse")
+        self.grid = grid
+        self.num_tokens = grid * grid + 1
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.feature_reuse = feature_reuse
+        self.relation_reuse = relation_reuse
+        self.num_classes = num_classes
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self._build_embed()
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
+        self.blocks = nn.ModuleList([
+            Block(
+                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
+                attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                reuse_dim=reuse_dim if feature_reuse else 0, reuse_hidden=reuse_hidden)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        if relation_reuse:
+            channels = depth * num_heads
+            self.relation_reuse_conv = nn.Sequential(
+                nn.Conv2d(channels, 3 * channels, kernel_size=1),
+                nn.GELU(),
+                nn.Conv2d(3 * channels, channels, kernel_size=1),
+            )
+        self.resample = GridResample(prev_grid, grid) if prev_grid is not None else None
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        trunc_normal_(self.cls_token, std=.02)
+        self.apply(_init_weights)
+
+    def _build_embed(self) -> None:
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) -> patch tokens (B, grid * grid, C)."""
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _relation_biases(self, relations: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Previous stage's per-block logits -> one additive bias per block of this stage."""
+        r = torch.cat(tuple(relations), dim=1)  # (B, depth * heads, n, n)
+        if r.shape[1] != self.depth * self.num_heads:
+            raise ValueError(
+                f"relation reuse needs depth*heads = {self.depth * self.num_heads} maps from the "
+                f"previous stage, got {r.shape[1]}")
+        r = self.relation_reuse_conv(r)
+        r = self.resample(r, relations=True)  # (B, depth * heads, N + 1, N + 1)
+        return r.chunk(self.depth, dim=1)
+
+    def _reused_features(self, block: Block, tokens: torch.Tensor) -> torch.Tensor:
+        """Previous stage's tokens (B, n + 1, C) -> this block's extra MLP input (B, N + 1, reuse_dim)."""
+        f = block.feature_reuse_mlp(tokens)[:, 1:]  # (B, n, reuse_dim)
+        f = self.resample(f)  # (B, N, reuse_dim)
+        return F.pad(f, (0, 0, 1, 0))  # zeros at the class token
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            prev: Optional[StageOutput] = None,
+            export_relations: bool = False,
+    ) -> StageOutput:
+        """Args:
+            x: images (B, 3, H, W).
+            prev: the previous stage's output; read when this stage reuses features or relations.
+            export_relations: keep every block's attention logits for the next stage.
+        """
+        tokens = self.embed(x)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        x = self.pos_drop(torch.cat((cls, tokens), dim=1) + self.pos_embed)  # (B, N + 1, C)
+        biases = self._relation_biases(prev.relations) if self.relation_reuse else (None,) * self.depth
+        relations = []
+        for block, bias in zip(self.blocks, biases):
+            reused = self._reused_features(block, prev.tokens) if self.feature_reuse else None
+            x, logits = block(x, reused=reused, bias=bias, return_logits=export_relations)
+            relations.append(logits)
+        out = self.head(self.norm(x)[:, 0])
+        return StageOutput(out, x, tuple(relations) if export_relations else None)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class T2TEmbed(nn.Module):
+    """Tokens-to-token embedding: three soft splits (unfolds) with a Performer in between,
+    then a linear projection."""
+
+    def __init__(self, img_size: int, geometry: tuple[int, int, int], in_chans: int, embed_dim: int,
+                 token_dim: int = 64):
+        super().__init__()
+        kernel, stride, padding = geometry
+        self.soft_split0 = nn.Unfold(kernel_size=kernel, stride=stride, padding=padding)
+        self.soft_split1 = nn.Unfold(kernel_size=3, stride=2, padding=1)
+        self.soft_split2 = nn.Unfold(kernel_size=3, stride=2, padding=1)
+        self.attention1 = TokenPerformer(in_chans * kernel * kernel, token_dim)
+        self.attention2 = TokenPerformer(token_dim * 9, token_dim)
+        self.project = nn.Linear(token_dim * 9, embed_dim)
+        g0 = unfold_grid(img_size, kernel, stride, padding)
+        g1 = unfold_grid(g0, 3, 2, 1)
+        self.grids = (g0, g1, unfold_grid(g1, 3, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        g0, g1, _ = self.grids
+        x = self.attention1(self.soft_split0(x).transpose(1, 2))  # (B, g0*g0, token_dim)
+        x = x.transpose(1, 2).reshape(B, -1, g0, g0)
+        x = self.attention2(self.soft_split1(x).transpose(1, 2))  # (B, g1*g1, token_dim)
+        x = x.transpose(1, 2).reshape(B, -1, g1, g1)
+        return self.project(self.soft_split2(x).transpose(1, 2))  # (B, g2*g2, embed_dim)
+
+
+class T2TStage(DVTStage):
+    """A T2T-ViT stage (Performer T2T module, fixed sinusoid positions)."""
+
+    def __init__(self, img_size: int, geometry: tuple[int, int, int], in_chans: int = 3, token_dim: int = 64,
+                 prev_grid: Optional[int] = None, **kwargs):
+        self._embed_args = (img_size, geometry, in_chans, kwargs["embed_dim"], token_dim)
+        super().__init__(_t2t_grid(img_size, geometry), prev_grid, **kwargs)
+
+    def _build_embed(self) -> None:
+        table = sinusoid_table(self.num_tokens, self.embed_dim)
+        self.pos_embed = nn.Parameter(torch.empty(table.shape).copy_(table), requires_grad=False)
+        self.tokens_to_token = T2TEmbed(*self._embed_args)
+        del self._embed_args
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens_to_token(x)
+
+
+def _t2t_grid(img_size: int, geometry: tuple[int, int, int]) -> int:
+    g = unfold_grid(img_size, *geometry)
+    return unfold_grid(unfold_grid(g, 3, 2, 1), 3, 2, 1)
+
+
+class PatchEmbed(nn.Module):
+    """Convolutional patch embedding, flattened to tokens."""
+
+    def __init__(self, geometry: tuple[int, int, int], in_chans: int, embed_dim: int):
+        super().__init__()
+        kernel, stride, padding = geometry
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, grid*grid, C)
+
+
+class ViTStage(DVTStage):
+    """A ViT/DeiT stage (patch embedding, learned positions)."""
+
+    def __init__(self, img_size: int, geometry: tuple[int, int, int], in_chans: int = 3,
+                 prev_grid: Optional[int] = None, **kwargs):
+        self._embed_args = (geometry, in_chans, kwargs["embed_dim"])
+        super().__init__(unfold_grid(img_size, *geometry), prev_grid, **kwargs)
+
+    def _build_embed(self) -> None:
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, self.embed_dim))
+        trunc_normal_(self.pos_embed, std=.02)
+        self.patch_embed = PatchEmbed(*self._embed_args)
+        del self._embed_args
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
+
+
+class DVT(nn.Module):
+    """A cascade of transformers, each seeing more tokens than the one before.
+
+    Args:
+        backbone: ``"t2t"`` (T2T-ViT stages) or ``"vit"`` (ViT/DeiT stages).
+        grids: token grid side of each stage for ``"vit"`` (patch geometry derived from
+            ``img_size``); ignored for ``"t2t"``.
+        t2t_geometries: (kernel, stride, padding) of the first soft split of each T2T stage.
+        img_size: input resolution.
+        num_classes: classes of every exit.
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, norm_eps: the transformer of each stage.
+        feature_reuse, relation_reuse: reuse the previous stage's features / attention logits
+            in every stage but the first.
+        reuse_dim, reuse_hidden: width of the reused features and of the MLP producing them.
+        token_dim: width of the T2T Performer tokens.
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation, per stage.
+    """
+
+    def __init__(
+            self,
+            backbone: str = "vit",
+            grids: Sequence[int] = (7, 10, 14),
+            t2t_geometries: Sequence[tuple[int, int, int]] = ((14, 8, 3), (11, 6, 5), (7, 4, 2)),
+            img_size: int = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 384,
+            depth: int = 12,
+            num_heads: int = 6,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            norm_eps: float = 1e-6,
+            feature_reuse: bool = True,
+            relation_reuse: bool = True,
+            reuse_dim: int = 48,
+            reuse_hidden: int = 128,
+            token_dim: int = 64,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ) -> None:
+        super().__init__()
+        if backbone not in ("t2t", "vit"):
+            raise ValueError(f"backbone must be 't2t' or 'vit', got {backbone!r}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.feature_reuse = feature_reuse
+        self.relation_reuse = relation_reuse
+        self.img_size = img_size
+        self.num_features = self.embed_dim = embed_dim
+        common = dict(
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            norm_layer=partial(nn.LayerNorm, eps=norm_eps), num_classes=num_classes, reuse_dim=reuse_dim,
+            reuse_hidden=reuse_hidden, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate, in_chans=in_chans)
+        if backbone == "t2t":
+            make = [partial(T2TStage, img_size, tuple(g), token_dim=token_dim) for g in t2t_geometries]
+        else:
+            make = [partial(ViTStage, img_size, vit_patch_geometry(img_size, g)) for g in grids]
+        stages, prev_grid = [], None
+        for k, build in enumerate(make):
+            stage = build(prev_grid=prev_grid, feature_reuse=k > 0 and feature_reuse,
+                          relation_reuse=k > 0 and relation_reuse, **common)
+            stages.append(stage)
+            prev_grid = stage.grid
+        self.stages = nn.ModuleList(stages)
+        self.grids = tuple(s.grid for s in self.stages)
+        self.pretrained_cfg = dict(
+            input_size=(in_chans, img_size, img_size), interpolation="bicubic", crop_pct=0.875,
+            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=num_classes,
+            classifier=tuple(f"stages.{k}.head" for k in range(len(stages))))
+        self.register_load_state_dict_pre_hook(_convert_on_load)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"stages.{k}.{n}" for k in range(self.num_exits) for n in ("cls_token", "pos_embed")}
+
+    def get_classifier(self) -> nn.ModuleList:
+        return nn.ModuleList(s.head for s in self.stages)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New heads for ``num_classes`` on every exit (e.g. for transfer learning)."""
+        self.num_classes = num_classes
+        for stage in self.stages:
+            stage.reset_classifier(num_classes)
+        self.pretrained_cfg["num_classes"] = num_classes
+
+    def iter_stages(self, x: torch.Tensor, num_exits: Optional[int] = None) -> Iterator[StageOutput]:
+        """Run the first ``num_exits`` stages (all by default), yielding each stage's output."""
+        num_exits = self.num_exits if num_exits is None else num_exits
+        prev = None
+        for k in range(num_exits):
+            prev = self.stages[k](x, prev, export_relations=self._exports_relations(k))
+            yield prev
+
+    def _exports_relations(self, k: int) -> bool:
+        return k + 1 < self.num_exits and self.stages[k + 1].relation_reuse
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Images (B, 3, H, W) -> per-exit logits, a tuple of (B, num_classes)."""
+        return tuple(out.logits for out in self.iter_stages(x))
+
+    @torch.no_grad()
+    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor) -> EarlyExitOutput:
+        """Adaptive inference: every stage runs only on the samples still in the cascade.
+
+        A sample leaves at the first exit whose max softmax probability is >= that exit's
+        threshold (the last exit takes everyone left). The reused features and relations of
+        the samples that go on are gathered from the previous stage.
+
+        Args:
+            x: images (B, 3, H, W).
+            thresholds: one confidence threshold per exit.
+        """
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).tolist()
+        if len(thresholds) != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} thresholds, got {len(thresholds)}")
+        B = x.shape[0]
+        logits = exit_index = confidence = None
+        active = torch.arange(B, device=x.device)  # original indices of the samples still running
+        prev = None
+        for k, stage in enumerate(self.stages):
+            prev = stage(x, prev, export_relations=self._exports_relations(k))
+            out = prev.logits
+            if logits is None:
+                logits = out.new_empty(B, out.shape[1])
+                exit_index = torch.empty(B, dtype=torch.long, device=x.device)
+                confidence = torch.empty(B, dtype=torch.float32, device=x.device)
+            conf = out.float().softmax(dim=-1).amax(dim=-1)
+            leave = conf >= thresholds[k] if k + 1 < self.num_exits else torch.ones_like(conf, dtype=torch.bool)
+            idx = active[leave]
+            logits[idx] = out[leave]
+            exit_index[idx] = k
+            confidence[idx] = conf[leave]
+            stay = ~leave
+            if not bool(stay.any()):
+                break
+            if not bool(leave.any()):
+                continue
+            active, x = active[stay], x[stay]
+            prev = prev.select(stay)
+        return EarlyExitOutput(logits, exit_index, confidence)
+
+
+# Key layout of the released checkpoints: fixed stage names and a misspelt module name.
+ORIGINAL_STAGE_NAMES = ("less_less_token", "less_token", "normal_token")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Optional[DVT] = None) -> dict[str, torch.Tensor]:
+    """Convert a state dict of the original implementation (or one saved from a DDP-wrapped
+    or compiled model) to this implementation's layout. Keys already in our layout pass
+    through unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        head, _, rest = key.partition(".")
+        if head in ORIGINAL_STAGE_NAMES:
+            key = f"stages.{ORIGINAL_STAGE_NAMES.index(head)}.{rest}"
+        key = key.replace(".feature_resuse_mlp.", ".feature_reuse_mlp.")
+        out[key] = value
+    return out
+
+
+def to_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our layout -> the released checkpoints' layout (three-stage cascades only)."""
+    out = {}
+    for key, value in checkpoint_filter_fn(state_dict).items():
+        _, k, rest = key.split(".", 2)
+        if int(k) >= len(ORIGINAL_STAGE_NAMES):
+            raise ValueError("the original layout only names three stages")
+        out[f"{ORIGINAL_STAGE_NAMES[int(k)]}.{rest.replace('.feature_reuse_mlp.', '.feature_resuse_mlp.')}"] = value
+    return out
+
+
+def _convert_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load-time hook: ``model.load_state_dict`` accepts the original layout directly."""
+    mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    converted = checkpoint_filter_fn({k[len(prefix):]: v for k, v in mine.items()})
+    if len(mine) == len(converted) and all(prefix + k in state_dict for k in converted):
+        return
+    for k in mine:
+        del state_dict[k]
+    for k, v in converted.items():
+        state_dict[prefix + k] = v

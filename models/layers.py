@@ -1,0 +1,249 @@
+"""Building blocks of a DVT stage: attention with relation reuse, a block with feature
+reuse, the Performer token mixer of T2T-ViT, and the grid resampling both reuse paths share."""
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import lru_cache
+from typing import Optional, Type
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, use_fused_attn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional additive bias on the pre-softmax logits.
+
+    The bias carries the relations reused from the previous stage. When the caller asks for
+    the logits (because a later stage reuses them) the attention is computed explicitly;
+    otherwise the fused ``scaled_dot_product_attention`` kernel is used, which gives the same
+    result without materialising the (N, N) maps.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = False,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ) -> None:
+        super().__init__()
+        assert dim % num_heads == 0, f"dim {dim} is not divisible by num_heads {num_heads}"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            return_logits: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Args:
+            x: tokens (B, N, C).
+            bias: added to the attention logits, (B, heads, N, N), or None.
+            return_logits: also return the pre-softmax logits (bias included).
+
+        Returns:
+            The attended tokens (B, N, C) and the logits (B, heads, N, N) or None.
+        """
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
+        logits = None
+        if self.fused_attn and not return_logits:
+            if bias is not None:
+                bias = bias.to(q.dtype)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, N)
+            if bias is not None:
+                logits = logits + bias
+            attn = self.attn_drop(logits.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj_drop(self.proj(x))
+        return x, (logits if return_logits else None)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with feature reuse, the MLP also reads features of the
+    previous stage.
+
+    Feature reuse: ``feature_reuse_mlp`` (LayerNorm, then Mlp dim -> hidden -> reuse_dim)
+    maps the previous stage's final tokens to a few channels. They are resampled to this
+    stage's grid (zeros at the class token) and concatenated to the MLP input, so ``norm2``
+    and ``mlp.fc1`` see ``dim + reuse_dim`` channels while the residual stays ``dim`` wide.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            reuse_dim: int = 0,
+            reuse_hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.reuse_dim = reuse_dim
+        self.norm2 = norm_layer(dim + reuse_dim)
+        self.mlp = Mlp(dim + reuse_dim, int(dim * mlp_ratio), dim, act_layer=nn.GELU, drop=proj_drop)
+        if reuse_dim:
+            self.feature_reuse_mlp = nn.Sequential(
+                norm_layer(dim),
+                Mlp(dim, reuse_hidden, reuse_dim, act_layer=nn.GELU, drop=proj_drop),
+            )
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            reused: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None,
+            return_logits: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Args:
+            x: tokens (B, N, C).
+            reused: reused features already mapped and resampled, (B, N, reuse_dim).
+            bias: relation bias (B, heads, N, N) for the attention logits.
+            return_logits: also return the attention logits.
+        """
+        y, logits = self.attn(self.norm1(x), bias=bias, return_logits=return_logits)
+        x = x + self.drop_path(y)
+        h = x if reused is None else torch.cat((x, reused.to(x.dtype)), dim=-1)  # (B, N, C + reuse_dim)
+        x = x + self.drop_path(self.mlp(self.norm2(h)))
+        return x, logits
+
+
+@lru_cache(maxsize=None)
+def _axis_resample_matrix(src: int, dst: int) -> np.ndarray:
+    """(dst, src) float64 matrix of nearest upsampling src -> 2*src, then adaptive average
+    pooling 2*src -> dst, along one axis."""
+    up = 2 * src
+    nearest = np.zeros((up, src))
+    nearest[np.arange(up), (np.arange(up) * src) // up] = 1.0  # PyTorch 'nearest': floor(i * src / up)
+    pool = np.zeros((dst, up))
+    for i in range(dst):  # PyTorch adaptive pooling windows: [floor(i*L/d), ceil((i+1)*L/d))
+        start, end = (i * up) // dst, -((-(i + 1) * up) // dst)
+        pool[i, start:end] = 1.0 / (end - start)
+    return pool @ nearest
+
+
+class GridResample(nn.Module):
+    """Resample token maps from a ``src x src`` grid to a ``dst x dst`` grid.
+
+    DVT upsamples the previous grid by nearest neighbour to twice its size and then
+    average-pools it adaptively to the new grid (7 -> 14 -> 10, 10 -> 20 -> 14): upsampling
+    first makes every output cell an area-weighted average of the source cells it overlaps,
+    rather than a plain subsample. Both steps are linear and separable, so the whole
+    operation is one fixed (dst, src) matrix ``A`` per axis: ``X -> A X A^T``. Applying the
+    matrices costs a small fraction of building the upsampled maps and pooling them.
+
+    The class token is not on the grid: it is carried over unchanged (and, for relation
+    maps, so are its row and column).
+    """
+
+    def __init__(self, src: int, dst: int) -> None:
+        super().__init__()
+        self.src, self.dst = src, dst
+        axis = torch.from_numpy(_axis_resample_matrix(src, dst))  # (dst, src) float64
+        # Relation maps: one (dst^2 + 1, src^2 + 1) map on each token axis, class token kept.
+        full = torch.zeros(dst * dst + 1, src * src + 1, dtype=torch.float64, device="cpu")
+        full[0, 0] = 1.0
+        full[1:, 1:] = torch.kron(axis, axis)
+        # torch.empty follows the default device (e.g. meta); copy_ fills it where it has storage.
+        self.register_buffer("axis_matrix", torch.empty(axis.shape).copy_(axis), persistent=False)
+        self.register_buffer("token_matrix", torch.empty(full.shape).copy_(full), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.src}x{self.src} -> {self.dst}x{self.dst}"
+
+    def forward(self, x: torch.Tensor, relations: bool = False) -> torch.Tensor:
+        """Args:
+            x: patch tokens (B, src*src, C) -> (B, dst*dst, C); or, with ``relations``,
+                relation maps (B, H, src^2 + 1, src^2 + 1) -> (B, H, dst^2 + 1, dst^2 + 1).
+        """
+        if relations:
+            m = self.token_matrix.to(x.dtype)
+            return m @ x @ m.transpose(0, 1)
+        B, _, C = x.shape
+        a = self.axis_matrix.to(x.dtype)
+        x = x.reshape(B, self.src, self.src, C)
+        x = torch.einsum("ih,bhwc->biwc", a, x)  # (B, dst, src, C)
+        x = torch.einsum("jw,biwc->bijc", a, x)  # (B, dst, dst, C)
+        return x.reshape(B, self.dst * self.dst, C)
+
+
+class TokenPerformer(nn.Module):
+    """Single-head Performer token mixer of the T2T module (linear attention with positive
+    orthogonal random features), with a skip connection from the values.
+
+    The random-feature products are computed in float32 even under autocast: exponentials
+    of large dot products overflow half precision.
+    """
+
+    def __init__(self, dim: int, in_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1, eps: float = 1e-8):
+        super().__init__()
+        self.emb = in_dim
+        self.m = int(in_dim * kernel_ratio)
+        self.eps = eps
+        self.kqv = nn.Linear(dim, 3 * in_dim)
+        self.dp = nn.Dropout(drop)
+        self.proj = nn.Linear(in_dim, in_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(in_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, in_dim), nn.Dropout(drop))
+        w = nn.init.orthogonal_(torch.empty(self.m, in_dim)) * math.sqrt(self.m)
+        self.w = nn.Parameter(w, requires_grad=False)  # fixed random features, kept in the state dict
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """exp(w^T x - |x|^2 / 2) / sqrt(m): (B, T, emb) -> (B, T, m)."""
+        wtx = x @ self.w.t()
+        return torch.exp(wtx - 0.5 * (x * x).sum(dim=-1, keepdim=True)) / math.sqrt(self.m)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        k, q, v = self.kqv(x).split(self.emb, dim=-1)  # (B, T, emb) each
+        with _autocast_off(x.device.type):
+            k, q, vf = k.float(), q.float(), v.float()
+            kp, qp = self._features(k), self._features(q)  # (B, T, m)
+            denom = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, T, 1)
+            kptv = vf.transpose(1, 2) @ kp  # (B, emb, m)
+            y = (qp @ kptv.transpose(1, 2)) / (denom + self.eps)  # (B, T, emb)
+        return v + self.dp(self.proj(y.to(v.dtype)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def sinusoid_table(n_position: int, dim: int) -> torch.Tensor:
+    """Fixed sinusoid position table (1, n_position, dim): sin on even, cos on odd channels."""
+    pos = np.arange(n_position)[:, None]
+    freq = np.power(10000.0, 2 * (np.arange(dim) // 2) / dim)[None, :]
+    table = pos / freq
+    table[:, 0::2] = np.sin(table[:, 0::2])
+    table[:, 1::2] = np.cos(table[:, 1::2])
+    return torch.from_numpy(table).float().unsqueeze(0)

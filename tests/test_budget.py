@@ -1,0 +1,276 @@
+"""Budgeted batch classification: golden reproduction and a per-sample loop reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from golden import load_budget_fixture, synthetic_exit_probs
+from utils import budget
+from utils.budget import (
+    DEFAULT_BUDGETS,
+    ExitStatsAccumulator,
+    anytime_accuracy,
+    budget_curve,
+    budget_exit_shares,
+    dynamic_evaluate,
+    dynamic_find_threshold,
+    evaluate_thresholds,
+    exit_assignment,
+    exit_stats,
+    find_thresholds,
+    thresholds_for_budget,
+)
+
+
+# ------------------------------------------------------------------ loop reference
+# A plain per-sample reading of the original algorithm, independent of utils.budget.
+
+def loop_thresholds(confidence: torch.Tensor, shares: torch.Tensor) -> list[float]:
+    num_exits, n = confidence.shape
+    conf = confidence.tolist()
+    has_left = [False] * n
+    thresholds = [1e8] * num_exits
+    for k in range(num_exits - 1):
+        wanted = math.floor(n * shares[k])  # float32 tensor product, as in the original
+        seen = 0
+        for i in sorted(range(n), key=lambda j: -conf[k][j]):
+            if not has_left[i]:
+                seen += 1
+                if seen == wanted:
+                    thresholds[k] = conf[k][i]
+                    break
+        for i in range(n):
+            if conf[k][i] >= thresholds[k]:
+                has_left[i] = True
+    thresholds[-1] = -1e8
+    return thresholds
+
+
+def loop_exits(confidence: torch.Tensor, thresholds) -> list[int]:
+    num_exits, n = confidence.shape
+    conf = confidence.tolist()
+    exits = []
+    for i in range(n):
+        k = 0
+        while k < num_exits and not conf[k][i] >= float(thresholds[k]):
+            k += 1
+        exits.append(k)
+    return exits
+
+
+def loop_evaluate(confidence, correct, flops, thresholds) -> tuple[float, float]:
+    num_exits, n = confidence.shape
+    right = correct.tolist()
+    hits = 0
+    leavers = torch.zeros(num_exits)  # float32 counts, as in the original
+    for i, k in enumerate(loop_exits(confidence, thresholds)):
+        if k < num_exits:
+            hits += int(right[k][i])
+            leavers[k] += 1
+    expected = 0
+    for k in range(num_exits):
+        expected = expected + leavers[k] / n * flops[k]
+    return hits * 100.0 / n, float(expected)
+
+
+def random_stats(seed: int, num_exits: int, n: int, levels: int | None = None):
+    """Random (confidence, correct); ``levels`` quantises the confidences to force ties."""
+    gen = torch.Generator().manual_seed(seed)
+    confidence = torch.rand(num_exits, n, generator=gen)
+    if levels is not None:
+        confidence = torch.floor(confidence * levels) / levels
+    correct = torch.rand(num_exits, n, generator=gen) < confidence
+    return confidence, correct
+
+
+def shares_table(num_exits: int) -> torch.Tensor:
+    return torch.stack([budget_exit_shares(p, num_exits) for p in DEFAULT_BUDGETS])  # (59, E)
+
+
+# ------------------------------------------------------------------------ golden
+
+@pytest.fixture(scope="module")
+def golden_case():
+    fixture = load_budget_fixture()
+    probs, targets = synthetic_exit_probs(fixture["seed"], fixture["n"], fixture["classes"])
+    return fixture, probs, targets
+
+
+def test_reproduces_original_curve(golden_case):
+    fixture, probs, targets = golden_case
+    confidence, correct = exit_stats(probs, targets)
+    thresholds, (gflops, top1) = budget_curve(confidence, correct, fixture["flops"], calib_conf=confidence)
+    assert thresholds.shape == (59, 3) and thresholds.dtype == torch.float32
+    assert thresholds.tolist() == fixture["thresholds"]  # exact
+    expected_gflops, expected_top1 = fixture["budgeted_batch_classification"]
+    assert gflops == pytest.approx(expected_gflops, abs=1e-6, rel=0)
+    assert top1 == pytest.approx(expected_top1, abs=1e-6, rel=0)
+    assert anytime_accuracy(correct) == pytest.approx(fixture["anytime_classification"], abs=1e-4, rel=0)
+
+
+def test_original_signatures(golden_case):
+    fixture, probs, targets = golden_case
+    expected_gflops, expected_top1 = fixture["budgeted_batch_classification"]
+    for p in (1, 20, 59):
+        shares = budget_exit_shares(p, 3)
+        thresholds = dynamic_find_threshold(probs, targets, shares)
+        assert thresholds.tolist() == fixture["thresholds"][p - 1]
+        top1, gflops = dynamic_evaluate(probs, targets, fixture["flops"], thresholds)
+        assert top1 == pytest.approx(expected_top1[p - 1], abs=1e-6, rel=0)
+        assert gflops == pytest.approx(expected_gflops[p - 1], abs=1e-6, rel=0)
+
+
+def test_stored_thresholds_mode_matches_search(golden_case):
+    fixture, probs, targets = golden_case
+    confidence, correct = exit_stats(probs, targets)
+    stored = torch.tensor(fixture["thresholds"], dtype=torch.float32)
+    thresholds, curve = budget_curve(confidence, correct, fixture["flops"], thresholds=stored)
+    assert torch.equal(thresholds, stored)
+    assert curve == budget_curve(confidence, correct, fixture["flops"], calib_conf=confidence)[1]
+    with pytest.raises(ValueError, match="exactly one"):
+        budget_curve(confidence, correct, fixture["flops"])
+    with pytest.raises(ValueError, match="exactly one"):
+        budget_curve(confidence, correct, fixture["flops"], calib_conf=confidence, thresholds=stored)
+
+
+def test_budget_exit_shares():
+    shares = budget_exit_shares(20, 3)  # ratio 1: equal shares
+    assert shares.dtype == torch.float32 and shares.shape == (3,)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3))
+    assert len(DEFAULT_BUDGETS) == 59
+    low, high = budget_exit_shares(1, 2), budget_exit_shares(59, 2)
+    assert low[0] > low[1] and high[0] < high[1]
+    with pytest.raises(ValueError):
+        budget_exit_shares(0, 3)
+
+
+# --------------------------------------------------------------- loop reference
+
+@pytest.mark.parametrize(
+    "seed, num_exits, n, levels",
+    [(0, 3, 300, None), (1, 3, 300, 12), (2, 2, 257, None), (3, 2, 200, 5), (4, 4, 150, 8)],
+)
+def test_matches_loop_reference(seed, num_exits, n, levels):
+    confidence, correct = random_stats(seed, num_exits, n, levels)
+    flops = [0.5 * (k + 1) + 0.13 for k in range(num_exits)]
+    shares = shares_table(num_exits)
+    thresholds = find_thresholds(confidence, shares)  # batched (59, E)
+    _, (gflops, top1) = budget_curve(confidence, correct, flops, calib_conf=confidence)
+    for row, p in enumerate(DEFAULT_BUDGETS):
+        if row % 3 and levels is None:
+            continue  # every third budget suffices without ties; all of them with ties
+        expected = loop_thresholds(confidence, shares[row])
+        assert thresholds[row].tolist() == expected
+        assert find_thresholds(confidence, shares[row]).tolist() == expected
+        assert exit_assignment(confidence, thresholds[row]).tolist() == loop_exits(confidence, expected)
+        ref_top1, ref_gflops = loop_evaluate(confidence, correct, flops, thresholds[row])
+        assert evaluate_thresholds(confidence, correct, flops, thresholds[row]) == (ref_top1, ref_gflops)
+        assert (top1[row], gflops[row]) == (ref_top1, ref_gflops)
+
+
+def test_ties_leave_together():
+    # five samples share the top confidence; a share of two still lets all five leave
+    confidence = torch.tensor([[0.9] * 5 + [0.1] * 5, [0.5] * 10, [0.3] * 10])
+    thresholds = find_thresholds(confidence, torch.tensor([0.2, 0.3, 0.5]))
+    assert thresholds[0] == pytest.approx(0.9)
+    assert exit_assignment(confidence, thresholds).tolist() == [0] * 5 + [1] * 5
+    assert thresholds.tolist() == loop_thresholds(confidence, torch.tensor([0.2, 0.3, 0.5]))
+
+
+def test_zero_count_keeps_exit_closed():
+    confidence, correct = random_stats(5, 3, 5)
+    shares = budget_exit_shares(59, 3)  # floor(5 * 0.079) = 0 samples for the first exit
+    assert math.floor(5 * shares[0]) == 0
+    thresholds = find_thresholds(confidence, shares)
+    assert thresholds[0].item() == 1e8
+    assert thresholds.tolist() == loop_thresholds(confidence, shares)
+    assert (exit_assignment(confidence, thresholds) > 0).all()
+
+
+def test_too_few_left_keeps_exit_closed():
+    confidence, _ = random_stats(6, 4, 10)
+    shares = torch.tensor([0.7, 0.5, 0.2, 0.1])  # 7 leave first, 5 wanted of the 3 left
+    thresholds = find_thresholds(confidence, shares)
+    assert thresholds[1].item() == 1e8
+    assert thresholds.tolist() == loop_thresholds(confidence, shares)
+    # everyone leaves at the first exit: nobody is left for the others
+    everyone = torch.tensor([[0.5] * 10, [0.4] * 10, [0.3] * 10, [0.2] * 10])
+    thresholds = find_thresholds(everyone, torch.tensor([0.1, 0.3, 0.3, 0.3]))
+    assert thresholds.tolist() == [0.5, 1e8, 1e8, -1e8]
+
+
+def test_sample_passing_no_threshold():
+    confidence, correct = random_stats(7, 3, 50)
+    thresholds = torch.tensor([0.9, 0.8, 0.7])  # last exit not open to everyone
+    exits = exit_assignment(confidence, thresholds)
+    assert exits.tolist() == loop_exits(confidence, thresholds)
+    assert (exits == 3).any()
+    assert evaluate_thresholds(confidence, correct, [1.0, 2.0, 3.0], thresholds) == loop_evaluate(
+        confidence, correct, [1.0, 2.0, 3.0], thresholds)
+
+
+def test_budget_chunks_agree(monkeypatch):
+    confidence, _ = random_stats(8, 3, 400, levels=30)
+    shares = shares_table(3)
+    whole = find_thresholds(confidence, shares)
+    monkeypatch.setattr(budget, "_MAX_WORK_ELEMENTS", 1000)  # 2 budgets per chunk
+    assert torch.equal(find_thresholds(confidence, shares), whole)
+
+
+# ------------------------------------------------------------------- statistics
+
+def test_accumulator_matches_one_shot():
+    gen = torch.Generator().manual_seed(0)
+    num_exits, n, classes = 3, 70, 11
+    logits = torch.randn(num_exits, n, classes, generator=gen) * 3
+    targets = torch.randint(0, classes, (n,), generator=gen)
+    accumulator = ExitStatsAccumulator()
+    for start, stop in ((0, 32), (32, 64), (64, 70)):
+        accumulator.update([logits[k, start:stop] for k in range(num_exits)], targets[start:stop])
+    confidence, correct = accumulator.result()
+    expected_conf, expected_correct = exit_stats(torch.softmax(logits, dim=-1), targets)
+    assert confidence.shape == correct.shape == (num_exits, n)
+    assert confidence.dtype == torch.float32 and correct.dtype == torch.bool
+    assert torch.equal(confidence, expected_conf) and torch.equal(correct, expected_correct)
+    assert torch.equal(correct, logits.argmax(dim=-1) == targets)
+    # only the (exits, N) summaries are kept: 4 bytes of confidence + 1 byte of correctness
+    assert accumulator.num_samples == n
+    assert accumulator.nbytes() == num_exits * n * 5
+    assert all(t.shape[0] == num_exits and t.dim() == 2 for t in accumulator._confidence + accumulator._correct)
+
+
+def test_accumulator_low_precision_logits():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 8, 5, generator=gen).to(torch.bfloat16)
+    targets = torch.randint(0, 5, (8,), generator=gen)
+    accumulator = ExitStatsAccumulator()
+    accumulator.update(logits, targets)  # a stacked (E, B, C) tensor works too
+    confidence, _ = accumulator.result()
+    assert confidence.dtype == torch.float32
+    assert torch.equal(confidence, torch.softmax(logits.float(), dim=-1).amax(dim=-1))
+    with pytest.raises(ValueError, match="exits"):
+        accumulator.update(torch.randn(3, 8, 5), targets)
+    with pytest.raises(ValueError, match="no batch"):
+        ExitStatsAccumulator().result()
+
+
+# ----------------------------------------------------------- thresholds for a budget
+
+def test_thresholds_for_budget(golden_case):
+    fixture, probs, targets = golden_case
+    flops = fixture["flops"]
+    confidence, correct = exit_stats(probs, targets)
+    _, (curve_gflops, curve_top1) = budget_curve(confidence, correct, flops, calib_conf=confidence)
+    for target in (0.52, 0.7, 1.1, 1.7, 5.0):
+        chosen = thresholds_for_budget(confidence, correct, flops, target)
+        assert chosen.thresholds.shape == (3,) and chosen.thresholds[-1].item() == -1e8
+        top1, gflops = evaluate_thresholds(confidence, correct, flops, chosen.thresholds)
+        assert (top1, gflops) == (chosen.top1, chosen.expected_gflops)
+        assert gflops <= target
+        # at least as good as every standard budget within reach
+        reachable = [acc for acc, cost in zip(curve_top1, curve_gflops) if cost <= target]
+        assert all(chosen.top1 >= acc for acc in reachable)
+    with pytest.raises(ValueError, match="below the cost of the first exit"):
+        thresholds_for_budget(confidence, correct, flops, 0.5)

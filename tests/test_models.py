@@ -1,0 +1,256 @@
+"""The models compute what the original implementation computes, load its checkpoints,
+count its FLOPs, train, and run in any precision."""
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import models
+from golden import VARIANTS, golden_input, golden_state_dict, load_expected, load_manifest, GOLDEN_DIR
+from models.dvt import to_original_state_dict
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_checkpoint_file, load_weights
+from utils.flops import exit_gflops
+
+ALL_MODELS = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small", "DVT_Deit_small_49_196",
+              "DVT_Vit_base_49_196", "DVT_tiny"]
+
+
+def golden_model(variant: str, salt: str = "A") -> torch.nn.Module:
+    name, feature_reuse, relation_reuse = VARIANTS[variant]
+    model = timm.create_model(name, feature_reuse=feature_reuse, relation_reuse=relation_reuse)
+    model.load_state_dict(golden_state_dict(load_manifest(variant), salt), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_golden_logits_match_original(variant):
+    model = golden_model(variant)
+    with torch.no_grad():
+        logits = torch.stack(model(golden_input(1, 3))).numpy()  # (exits, B, classes)
+    expected = load_expected()[variant]
+    assert logits.shape == expected.shape
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not (GOLDEN_DIR / "expected_B.npz").exists(), reason="no second golden set")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_golden_logits_other_weights_and_batch(variant):
+    """Another salt, seed and batch size, computed by the original code."""
+    model = golden_model(variant, salt="B")
+    expected = load_expected("expected_B.npz")[variant]
+    with torch.no_grad():
+        logits = torch.stack(model(golden_input(2, expected.shape[1]))).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_sample_independent_of_batch():
+    """Each sample's logits depend on that sample alone, whatever the batch size."""
+    model = golden_model("DVT_Deit_small")
+    x = golden_input(5, 4)
+    with torch.no_grad():
+        together = torch.stack(model(x))
+        alone = torch.cat([torch.stack(model(x[i:i + 1])) for i in range(4)], dim=1)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_builds_and_runs(name):
+    num_exits = 2 if name.endswith("_49_196") else 3
+    with torch.device("meta"):  # shapes only: the big ones stay cheap
+        model = timm.create_model(name, num_classes=7)
+        out = model(torch.empty(2, 3, 224, 224))
+    assert isinstance(out, tuple) and len(out) == num_exits
+    assert all(o.shape == (2, 7) for o in out)
+    assert model.grids == ((7, 10, 14) if num_exits == 3 else (7, 14))
+
+
+def test_factory_kwargs_are_honoured():
+    model = timm.create_model("DVT_tiny", num_classes=5, feature_reuse=False, relation_reuse=True,
+                              drop_path_rate=0.2, img_size=64)
+    assert model.num_classes == 5 and model.img_size == 64
+    assert not any("feature_reuse_mlp" in k for k in model.state_dict())
+    assert any("relation_reuse_conv" in k for k in model.state_dict())
+    assert model.stages[2].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert [o.shape for o in out] == [(2, 5)] * 3
+    with pytest.raises(ValueError, match="weights are not downloaded"):
+        timm.create_model("DVT_tiny", pretrained=True)
+    with pytest.raises(TypeError):
+        timm.create_model("DVT_tiny", no_such_option=1)
+
+
+def test_state_dict_layouts_round_trip():
+    """Our layout, the original layout and a DDP ('module.') prefix all load strictly, and
+    exporting gives back exactly the original keys, shapes and order."""
+    manifest = load_manifest("DVT_T2t_vit_12")
+    original = golden_state_dict(manifest, "A")
+    model = golden_model("DVT_T2t_vit_12")
+    exported = to_original_state_dict(model.state_dict())
+    assert [(k, tuple(v.shape)) for k, v in exported.items()] == manifest
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+    fresh = timm.create_model("DVT_T2t_vit_12")
+    fresh.load_state_dict({f"module.{k}": v for k, v in original.items()}, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    fresh = timm.create_model("DVT_T2t_vit_12")
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def deit_weights():
+    return golden_state_dict(load_manifest("DVT_Deit_small"), "A")
+
+
+def test_mismatched_keys_are_named(deit_weights):
+    model = timm.create_model("DVT_Deit_small")
+    broken = dict(deit_weights)
+    del broken["less_token.blocks.3.attn.qkv.weight"]
+    broken["normal_token.blocks.0.extra.weight"] = torch.zeros(1)
+    broken["less_less_token.head.weight"] = torch.zeros(10, 384)
+    with pytest.raises(CheckpointError) as err:
+        load_weights(model, broken)
+    msg = str(err.value)
+    assert "missing keys [1]: stages.1.blocks.3.attn.qkv.weight" in msg
+    assert "unexpected keys [1]: stages.2.blocks.0.extra.weight" in msg
+    assert "mis-shaped keys [1]: stages.0.head.weight (checkpoint (10, 384), model (1000, 384))" in msg
+    with pytest.raises(RuntimeError, match="Missing key"):  # plain strict loading fails too
+        model.load_state_dict(broken)
+
+
+def test_checkpoint_for_another_model_is_recognised():
+    t2t = golden_state_dict(load_manifest("DVT_T2t_vit_12-nf-nr"), "A")
+    with pytest.raises(CheckpointError, match=r"looks like a checkpoint for DVT_T2t_vit_12 \(feature_reuse=False"):
+        load_weights(timm.create_model("DVT_T2t_vit_12"), t2t)
+
+
+@pytest.mark.parametrize("wrap", ["model_state_dict", "state_dict", "model", None])
+def test_released_checkpoint_file_loads(tmp_path, deit_weights, wrap):
+    results = {
+        "flops": [np.float64(1.15), np.float32(3.66), 8.84],
+        "anytime_classification": [torch.tensor(72.7), 79.0, np.float64(81.8)],
+        "dynamic_threshold": torch.rand(59, 3),
+        "budgeted_batch_classification": [[1.0, 2.0], [70.0, 80.0]],
+    }
+    ckpt = {f"module.{k}": v for k, v in deit_weights.items()} if wrap is None else {wrap: deit_weights, **results}
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save(ckpt, path)
+    model = timm.create_model("DVT_Deit_small")
+    loaded = load_checkpoint(model, path)
+    assert torch.equal(model.stages[2].head.weight, deit_weights["normal_token.head.weight"])
+    if wrap is not None:
+        assert float(loaded["flops"][0]) == pytest.approx(1.15)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pth.tar"
+    with open(path, "wb") as f:
+        torch.save({"model_state_dict": {}, "payload": _Exploit()}, f)
+    with pytest.raises(CheckpointError, match="not a safe checkpoint"):
+        load_checkpoint_file(path)
+    assert "this ran" not in capsys.readouterr().out
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint_file(raw)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint_file(tmp_path / "missing.pth.tar")
+
+
+def test_atomic_save_round_trip(tmp_path):
+    path = tmp_path / "sub" / "x.pth.tar"
+    atomic_save({"a": torch.arange(3)}, path)
+    assert torch.equal(load_checkpoint_file(path)["a"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["x.pth.tar"]
+
+
+PUBLISHED_GFLOPS = {
+    "DVT_T2t_vit_12": [0.47, 1.46, 3.50],
+    "DVT_T2t_vit_14": [1.21, 3.84, 9.33],
+    "DVT_Deit_small": [1.15, 3.66, 8.84],
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_GFLOPS))
+def test_exit_gflops_match_published(name):
+    gflops = exit_gflops(timm.create_model(name), img_size=224)
+    np.testing.assert_allclose(gflops, PUBLISHED_GFLOPS[name], rtol=0.02)
+
+
+def small_t2t(**kwargs):
+    """A T2T cascade with the real geometry and Performer but two blocks per stage."""
+    return timm.create_model("DVT_T2t_vit_12", depth=2, num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("build", [small_t2t, lambda: timm.create_model("DVT_tiny", num_classes=10)])
+def test_every_trainable_parameter_gets_a_gradient(build):
+    """All but one module learn from the summed loss. The exception is structural (the
+    original has it too): the last block of the last stage feeds only its class token to
+    the head, and the reused features are zero at the class token, so that block's
+    feature-reuse MLP gets an exactly zero gradient."""
+    torch.manual_seed(0)
+    model = build().train()
+    logits = model(torch.randn(2, 3, 224, 224))
+    loss = sum(F.cross_entropy(out, torch.tensor([1, 2])) for out in logits)
+    loss.backward()
+    dead = {f"stages.{model.num_exits - 1}.blocks.{len(model.stages[-1].blocks) - 1}.feature_reuse_mlp.{n}"
+            for n, _ in model.stages[-1].blocks[-1].feature_reuse_mlp.named_parameters()}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert dead <= trainable.keys()
+    no_grad = [n for n, p in trainable.items() if n not in dead and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad
+    assert all(trainable[n].grad is not None and not trainable[n].grad.any() for n in dead)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(n.endswith(".w") or n.endswith("pos_embed") for n in frozen)  # performer features, sinusoids
+
+
+def test_fused_and_manual_attention_agree():
+    torch.manual_seed(0)
+    model = small_t2t().eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fused = model(x)
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        manual = model(x)
+    for a, b in zip(fused, manual):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_close_to_float32():
+    """bfloat16 autocast on CPU: logits of the golden DeiT cascade stay within 0.1 of float32
+    (standard deviation of the logits: about 1)."""
+    model = golden_model("DVT_Deit_small")
+    x = golden_input(1, 2)
+    with torch.no_grad():
+        ref = torch.stack(model(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = torch.stack(model(x))
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).abs().max().item()
+    assert err < 0.1, err
+    assert (low.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+
+
+def test_performer_stays_float32_under_autocast():
+    from models.layers import TokenPerformer
+
+    perf = TokenPerformer(27, 16)
+    seen = []
+    perf._features = (lambda f: (lambda x: seen.append(x.dtype) or f(x)))(perf._features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = perf(torch.randn(2, 5, 27))
+    assert seen == [torch.float32, torch.float32] and y.isfinite().all()
