@@ -66,9 +66,9 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
-            logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, heads, N, N)
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
             if bias is not None:
-                logits = logits + bias
+                logits += bias
             attn = self.attn_drop(logits.softmax(dim=-1))
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, C)
@@ -182,7 +182,8 @@ class GridResample(nn.Module):
         """
         if relations:
             m = self.token_matrix.to(x.dtype)
-            return m @ x @ m.transpose(0, 1)
+            # The right product first: it folds into one large GEMM over every map.
+            return m @ (x @ m.transpose(0, 1))
         B, _, C = x.shape
         a = self.axis_matrix.to(x.dtype)
         x = x.reshape(B, self.src, self.src, C)

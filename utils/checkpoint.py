@@ -6,6 +6,7 @@ may hold numpy numbers in their result lists).
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import tempfile
@@ -51,8 +52,9 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         raise CheckpointError(
             f"refusing to load {path}: it is not a safe checkpoint (it holds pickled Python objects "
             f"that could run code when loaded). {' '.join(unsafe)[:300]}".rstrip()) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # torch.load reports a damaged file through many exception types
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} (not a PyTorch checkpoint, or damaged): {detail}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return dict(obj)
@@ -109,17 +111,29 @@ def guess_model(state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
     """The registered cascade (and reuse setting) whose layout matches ``state_dict``,
     heads excepted, or None."""
     from models.dvt import checkpoint_filter_fn
-    from models.registry import MODEL_CFGS, build_dvt
 
     given = {k: tuple(v.shape) for k, v in checkpoint_filter_fn(dict(state_dict)).items() if ".head." not in k}
+    for name, feature_reuse, relation_reuse, shapes in _registered_layouts():
+        if shapes == given:
+            if feature_reuse and relation_reuse:
+                return name
+            return f"{name} (feature_reuse={feature_reuse}, relation_reuse={relation_reuse})"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _registered_layouts() -> list[tuple[str, bool, bool, dict[str, tuple[int, ...]]]]:
+    """Key -> shape maps (heads excepted) of every registered cascade and reuse setting."""
+    from models.registry import MODEL_CFGS, build_dvt
+
+    layouts = []
     for name in MODEL_CFGS:
         for fr, rr in ((True, True), (False, True), (True, False), (False, False)):
-            with torch.device("meta"):
+            with torch.device("meta"):  # shapes only, no memory and no initialisation cost
                 model = build_dvt(name, feature_reuse=fr, relation_reuse=rr)
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".head." not in k}
-            if shapes == given:
-                return name if fr and rr else f"{name} (feature_reuse={fr}, relation_reuse={rr})"
-    return None
+            layouts.append((name, fr, rr, shapes))
+    return layouts
 
 
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:

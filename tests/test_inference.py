@@ -1,0 +1,509 @@
+"""inference.py: the original evaluation modes on a tiny ImageFolder, real early exit against
+the simulated one, the extra outputs, and clear errors for bad input."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+import inference
+import models
+from golden import golden_state_dict, load_manifest
+from models.dvt import to_original_state_dict
+from utils.budget import budget_exit_shares, exit_assignment, find_thresholds
+from utils.plots import BudgetCurve, OperatingPoint, plot_budget_curves
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
+IMAGE_SIZES = ((40, 30), (64, 64), (50, 80))  # (width, height); the transforms resize them
+BATCH = 4
+
+
+# ------------------------------------------------------------------ original semantics
+# Per-sample loops reading the original inference script step by step, on the full softmax.
+
+def original_find_threshold(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    n_stage, n_sample, _ = probs.size()
+    max_preds, _ = probs.max(dim=2)
+    _, sorted_idx = max_preds.sort(dim=1, descending=True)
+    filtered = torch.zeros(n_sample)
+    T = torch.full((n_stage,), 1e8)
+    for k in range(n_stage - 1):
+        count = 0
+        out_n = math.floor(n_sample * p[k])
+        for i in range(n_sample):
+            ori_idx = sorted_idx[k][i]
+            if filtered[ori_idx] == 0:
+                count += 1
+                if count == out_n:
+                    T[k] = max_preds[k][ori_idx]
+                    break
+        filtered.add_(max_preds[k].ge(T[k]).type_as(filtered))
+    T[n_stage - 1] = -1e8
+    return T
+
+
+def original_evaluate(probs: torch.Tensor, targets: torch.Tensor, flops, T) -> tuple[float, float]:
+    n_stage, n_sample, _ = probs.size()
+    max_preds, argmax_preds = probs.max(dim=2)
+    exp = torch.zeros(n_stage)
+    acc, expected_flops = 0, 0
+    for i in range(n_sample):
+        for k in range(n_stage):
+            if max_preds[k][i].item() >= T[k]:
+                if int(targets[i]) == int(argmax_preds[k][i]):
+                    acc += 1
+                exp[k] += 1
+                break
+    for k in range(n_stage):
+        expected_flops += 1.0 * exp[k] / n_sample * flops[k]
+    return acc * 100.0 / n_sample, expected_flops.item()
+
+
+def original_anytime(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    return [(probs[k].argmax(dim=1) == targets).sum().item() * 100.0 / len(targets) for k in range(len(probs))]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is as fast, and spares a shared machine the
+    oversubscription that makes multi-threaded runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_image_folder(root: Path, seed: int) -> Path:
+    rs = np.random.RandomState(seed)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i, (w, h) in enumerate(IMAGE_SIZES):
+                Image.fromarray(rs.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"), seed=0)
+
+
+def original_probs(model: torch.nn.Module, folder: Path, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of every exit (E, N, C) and targets, in ImageFolder order and loader batches."""
+    dataset = datasets.ImageFolder(str(folder), transform)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    targets = torch.tensor(dataset.targets)
+    with torch.no_grad():
+        batches = [torch.stack(model(images[i:i + BATCH])) for i in range(0, len(images), BATCH)]
+    return torch.cat(batches, dim=1).softmax(dim=-1), targets
+
+
+def original_val_transform(size: int = 224) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(256 * size // 224, interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])
+
+
+def tiny_model(num_classes: int = 2, seed: int = 0, head_scale: float = 30.0, **kwargs) -> models.DVT:
+    """A random DVT_tiny whose heads are scaled up, so confidences spread out."""
+    torch.manual_seed(seed)
+    model = models.build_dvt("DVT_tiny", num_classes=num_classes, **kwargs)
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.mul_(head_scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_released(tmp_path_factory) -> Path:
+    """DVT_tiny with two classes, released layout, weights only."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth.tar"
+    torch.save({"model_state_dict": to_original_state_dict(tiny_model().state_dict())}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def golden_val(data_root):
+    """Golden DVT_T2t_vit_12 and its softmax on the val images, computed here."""
+    model = timm.create_model("DVT_T2t_vit_12")
+    state_dict = golden_state_dict(load_manifest("DVT_T2t_vit_12"), "A")
+    model.load_state_dict(state_dict)
+    probs, targets = original_probs(model.eval(), data_root / "val", original_val_transform())
+    return state_dict, probs, targets
+
+
+def gap_thresholds(confidence: torch.Tensor) -> list[float]:
+    """Candidate thresholds away from every confidence: below all, between neighbours, none."""
+    values = sorted(set(confidence.tolist()))
+    mids = [(a + b) / 2 for a, b in zip(values, values[1:])]
+    return [values[0] - 0.01] + mids + [1e8]
+
+
+@pytest.fixture(scope="module")
+def golden_released(golden_val, tmp_path_factory):
+    """A released-format T2T-12 checkpoint with stored results and 59 x 3 thresholds that send
+    the val images to varied exits."""
+    state_dict, probs, _ = golden_val
+    conf = probs.max(dim=-1).values  # (3, N)
+    assert min(abs(a - b) for a in conf.flatten().tolist() for b in conf.flatten().tolist() if a != b) > 1e-5
+    c0, c1 = gap_thresholds(conf[0]), gap_thresholds(conf[1])
+    rows = [[c0[p % len(c0)], c1[(p // 2) % len(c1)], -1e8] for p in range(59)]
+    checkpoint = {
+        "model_state_dict": state_dict,
+        "flops": [0.47, 1.46, 3.5],
+        "anytime_classification": [69.1, 75.7, 80.02],
+        "dynamic_threshold": torch.tensor(rows, dtype=torch.float32),
+        "budgeted_batch_classification": [[0.5 + 0.05 * p for p in range(59)], [70.0 + 0.17 * p for p in range(59)]],
+    }
+    path = tmp_path_factory.mktemp("ckpt") / "t2t12.pth.tar"
+    torch.save(checkpoint, path)
+    return path, checkpoint
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = inference.main([str(a) for a in argv] + ["--no_progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def printed_results(out: str) -> dict:
+    found = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(" : ")
+        if sep and key in RESULT_KEYS:
+            found[key] = ast.literal_eval(value)
+    assert set(found) == set(RESULT_KEYS), out
+    return found
+
+
+def common(data_root: Path, ckpt: Path, mode: int, *extra) -> list:
+    return ["--data_url", f"{data_root}/", "--checkpoint_path", ckpt, "--eval_mode", mode,
+            "--batch_size", BATCH, "--workers", 0, "--device", "cpu", *extra]
+
+
+# --------------------------------------------------------------------------- mode 0
+
+def test_mode0_prints_what_is_stored(golden_released, capsys, tmp_path):
+    path, checkpoint = golden_released
+    code, out, err = run_cli(capsys, "--checkpoint_path", path, "--eval_mode", 0, "--data_url", tmp_path / "none",
+                             "--output", tmp_path / "out")
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"flops : {checkpoint['flops']}",
+        f"anytime_classification : {checkpoint['anytime_classification']}",
+        f"budgeted_batch_classification : {checkpoint['budgeted_batch_classification']}",
+    ]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["flops"] == checkpoint["flops"]
+    assert (tmp_path / "out" / "accuracy_vs_gflops.png").stat().st_size > 0
+
+
+def test_mode0_prints_plain_numbers_from_tensors_and_numpy(capsys, tmp_path):
+    flops = [torch.tensor(0.47), np.float32(1.46), 3.5]
+    anytime = np.array([69.1, 75.7, 80.0])
+    curve = torch.tensor([[0.5, 1.0], [70.0, 75.0]], dtype=torch.float64)
+    torch.save({"model_state_dict": {}, "flops": flops, "anytime_classification": anytime,
+                "budgeted_batch_classification": curve}, tmp_path / "c.pth")
+    code, out, err = run_cli(capsys, "--checkpoint_path", tmp_path / "c.pth", "--eval_mode", 0)
+    assert code == 0, err
+    assert "tensor" not in out and "float" not in out and "array" not in out
+    found = printed_results(out)
+    assert found["flops"] == [float(f) for f in flops]
+    assert found["anytime_classification"] == anytime.tolist()
+    assert found["budgeted_batch_classification"] == curve.tolist()
+
+
+# --------------------------------------------------------------------------- mode 1
+
+def test_mode1_matches_original_algorithm(golden_val, golden_released, data_root, capsys, tmp_path):
+    _, probs, targets = golden_val
+    path, checkpoint = golden_released
+    code, out, err = run_cli(capsys, *common(data_root, path, 1, "--output", tmp_path / "out"))
+    assert code == 0, err
+    found = printed_results(out)
+    flops = checkpoint["flops"]
+    assert found["flops"] == flops
+    assert found["anytime_classification"] == pytest.approx(original_anytime(probs, targets), abs=1e-9)
+    expected = [original_evaluate(probs, targets, flops, row) for row in checkpoint["dynamic_threshold"]]
+    gflops, top1 = found["budgeted_batch_classification"]
+    assert top1 == [acc for acc, _ in expected]
+    assert gflops == [cost for _, cost in expected]
+    assert len(set(gflops)) > 3  # the stored thresholds send images to varied exits
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["flops_source"] == "checkpoint" and report["num_validation"] == 6
+    assert report["dynamic_threshold"] == checkpoint["dynamic_threshold"].tolist()
+    assert report["budgeted_batch_classification"] == [gflops, top1]
+    assert (tmp_path / "out" / "accuracy_vs_gflops.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- mode 2
+
+def test_mode2_matches_original_search_and_saves(tiny_released, data_root, capsys, tmp_path):
+    saved = tmp_path / "with_results.pth.tar"
+    code, out, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--calib_size", 100,
+                                             "--calib_transform", "eval", "--output", tmp_path / "out",
+                                             "--save_checkpoint", saved))
+    assert code == 0, err
+    assert "counted with utils.flops.exit_gflops" in err  # weights-only file: flops are counted
+    found = printed_results(out)
+    gflops, top1 = found["budgeted_batch_classification"]
+    assert len(gflops) == len(top1) == 59
+
+    model = tiny_model()
+    calib, _ = original_probs(model, data_root / "train", original_val_transform())
+    val, targets = original_probs(model, data_root / "val", original_val_transform())
+    flops = found["flops"]
+    thresholds = [original_find_threshold(calib, budget_exit_shares(p, 3)) for p in range(1, 60)]
+    expected = [original_evaluate(val, targets, flops, t) for t in thresholds]
+    assert top1 == [acc for acc, _ in expected]
+    assert gflops == [cost for _, cost in expected]
+    assert found["anytime_classification"] == original_anytime(val, targets)
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    np.testing.assert_allclose(report["dynamic_threshold"], torch.stack(thresholds).numpy(), rtol=1e-5)
+    assert report["settings"]["calib_size"] == 100 and report["num_calibration"] == 6
+    assert report["num_classes"] == 2  # taken from the checkpoint's heads
+
+    # the saved file serves modes 0 and 1 without --model
+    code, out0, err = run_cli(capsys, "--checkpoint_path", saved, "--eval_mode", 0)
+    assert code == 0, err
+    assert out0 == out
+    code, out1, err = run_cli(capsys, *common(data_root, saved, 1))
+    assert code == 0, err
+    assert out1 == out
+
+
+def test_mode2_seeded_training_augmentation_is_reproducible(tiny_released, data_root, capsys, tmp_path):
+    reports = []
+    for run in ("a", "b", "c"):
+        seed = 7 if run != "c" else 8
+        code, _, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--calib_size", 4,
+                                               "--seed", seed, "--output", tmp_path / run))
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / run / "results.json").read_text()))
+    assert reports[0]["num_calibration"] == 4
+    assert reports[0]["dynamic_threshold"] == reports[1]["dynamic_threshold"]
+    assert reports[0]["dynamic_threshold"] != reports[2]["dynamic_threshold"]
+
+
+def test_budget_gives_thresholds_within_the_cost(tiny_released, data_root, capsys, tmp_path):
+    code, out, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--calib_size", 6,
+                                             "--calib_transform", "eval", "--budget", 0.05, 0.0892,
+                                             "--output", tmp_path))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("budget ")]
+    assert len(lines) == 2 and lines[0].startswith("budget 0.05 GFLOPs : top-1 ")
+    results = json.loads((tmp_path / "results.json").read_text())["budget_results"]
+    assert [r["target_gflops"] for r in results] == [0.05, 0.0892]
+    for r in results:
+        assert r["calib_gflops"] <= r["target_gflops"]
+        assert len(r["thresholds"]) == 3 and r["thresholds"][-1] == -1e8
+        assert sum(r["val_exit_shares"]) == pytest.approx(1.0)
+    # train and val hold the same images here, with the same transform
+    assert results[0]["val_gflops"] == pytest.approx(results[0]["calib_gflops"], rel=1e-6)
+
+
+def test_bf16_autocast_on_cpu(tiny_released, data_root, capsys, tmp_path):
+    code, out, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--calib_size", 6,
+                                             "--amp", "--output", tmp_path))
+    assert code == 0, err
+    assert len(printed_results(out)["budgeted_batch_classification"][0]) == 59
+    assert json.loads((tmp_path / "results.json").read_text())["amp_dtype"] == "torch.bfloat16"
+
+
+# ----------------------------------------------------------------------- early exit
+
+EARLY_EXIT_CASES = {
+    "3 exits": dict(),
+    "2 exits": dict(grids=(7, 14)),
+    "3 exits, no feature reuse": dict(feature_reuse=False),
+    "2 exits, no relation reuse": dict(grids=(7, 14), relation_reuse=False),
+    "3 exits, no reuse": dict(feature_reuse=False, relation_reuse=False),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLY_EXIT_CASES))
+def test_early_exit_matches_simulation(case):
+    model = tiny_model(num_classes=10, seed=3, head_scale=60.0, **EARLY_EXIT_CASES[case])
+    gen = torch.Generator().manual_seed(11)
+    calib = torch.randn(24, 3, 224, 224, generator=gen)
+    x = torch.randn(16, 3, 224, 224, generator=gen)
+    with torch.no_grad():
+        calib_conf = torch.stack(model(calib)).softmax(-1).amax(-1)  # (E, 24)
+        logits = torch.stack(model(x))  # (E, 16, C)
+    conf = logits.softmax(-1).amax(-1)  # (E, 16)
+    num_exits = model.num_exits
+    shares = torch.stack([budget_exit_shares(p, num_exits) for p in (1, 10, 20, 30, 45, 59)])
+    candidates = list(find_thresholds(calib_conf, shares))
+    nobody_early = torch.full((num_exits,), 1e8)
+    nobody_early[-1] = -1e8
+    candidates += [nobody_early, torch.full((num_exits,), -1e8)]  # all at the last / first exit
+    seen_exits = set()
+    for thresholds in candidates:
+        simulated = exit_assignment(conf, thresholds)  # (16,)
+        out = model.forward_early_exit(x, thresholds)
+        # a confidence within rounding of a threshold may fall either way on a sub-batch
+        near = ((conf[:-1] - thresholds[:-1, None]).abs() < 1e-5).any(dim=0)
+        assert int(near.sum()) <= 1
+        keep = ~near
+        assert torch.equal(out.exit_index[keep], simulated[keep]), thresholds
+        chosen = logits.gather(0, simulated.view(1, -1, 1).expand(1, -1, logits.shape[-1])).squeeze(0)
+        assert torch.equal(out.logits[keep].argmax(-1), chosen[keep].argmax(-1))
+        torch.testing.assert_close(out.logits[keep], chosen[keep], rtol=0, atol=1e-4)
+        torch.testing.assert_close(out.confidence[keep], conf.gather(0, simulated.view(1, -1)).squeeze(0)[keep],
+                                   rtol=0, atol=1e-5)
+        seen_exits.update(out.exit_index.tolist())
+    assert seen_exits == set(range(num_exits))
+
+
+def test_early_exit_cli_reports_throughput_and_agreement(tiny_released, data_root, capsys, tmp_path):
+    code, out, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--calib_size", 6,
+                                             "--calib_transform", "eval", "--early_exit", "--budget_index", 1, 30,
+                                             "--budget", 0.06, "--output", tmp_path))
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("early_exit ")]
+    assert [line.split(" : ")[0] for line in lines] == [
+        "early_exit budget_index 1", "early_exit budget_index 30", "early_exit budget 0.06 GFLOPs"]
+    assert all("6/6 exits and 6/6 predictions as simulated" in line for line in lines)
+    report = json.loads((tmp_path / "results.json").read_text())
+    for r in report["early_exit"]:
+        assert r["exits_differing_from_simulation"] == 0 and r["predictions_differing_from_simulation"] == 0
+        assert r["top1"] == r["simulated_top1"]
+        assert r["images_per_second"] > 0 and r["all_exits_images_per_second"] > 0
+        assert sum(r["exit_shares"]) == pytest.approx(1.0)
+    assert report["early_exit"][1]["thresholds"] == report["dynamic_threshold"][29]
+
+
+# ---------------------------------------------------------------------------- errors
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_released, data_root) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    full = torch.load(tiny_released, weights_only=True)
+    full.update(flops=[0.01, 0.04, 0.09], anytime_classification=[1.0, 2.0, 3.0],
+                budgeted_batch_classification=[[0.02], [2.0]], dynamic_threshold=torch.zeros(59, 3))
+    paths = {}
+    for name, drop in (("no_flops", "flops"), ("no_curve", "budgeted_batch_classification"),
+                       ("no_thresholds", "dynamic_threshold")):
+        paths[name] = root / f"{name}.pth"
+        torch.save({k: v for k, v in full.items() if k != drop}, paths[name])
+    paths["bad_shape"] = root / "bad_shape.pth"
+    torch.save({**full, "dynamic_threshold": torch.zeros(59, 2)}, paths["bad_shape"])
+    paths["project"] = root / "project.pth"
+    torch.save({**full, "model_name": "DVT_tiny", "model_kwargs": {"num_classes": 2}}, paths["project"])
+    paths["garbage"] = root / "garbage.pth"
+    paths["garbage"].write_bytes(b"this is not a checkpoint")
+    corrupt = write_image_folder(root / "corrupt", seed=1)
+    (corrupt / "val" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    paths["corrupt_data"] = corrupt
+    (root / "no_val" / "train" / "cat").mkdir(parents=True)
+    paths["no_val"] = root / "no_val"
+    return paths
+
+
+def error_cases(bad: dict[str, Path], data: Path, tiny: Path) -> dict[str, tuple[list, str]]:
+    return {
+        "mode 0 without flops": (["--checkpoint_path", bad["no_flops"], "--eval_mode", 0], "no 'flops' entry"),
+        "mode 0 without curve": (["--checkpoint_path", bad["no_curve"], "--eval_mode", 0],
+                                 "no 'budgeted_batch_classification' entry"),
+        "mode 1 without thresholds": (common(data, bad["no_thresholds"], 1, "--model", "DVT_tiny"),
+                                      "no 'dynamic_threshold' entry"),
+        "thresholds of another shape": (common(data, bad["bad_shape"], 1, "--model", "DVT_tiny"),
+                                        "'dynamic_threshold' must be (budgets, 3)"),
+        "--model disagrees with the file": (common(data, bad["project"], 1, "--model", "DVT_T2t_vit_12"),
+                                            "holds a DVT_tiny checkpoint, but --model is DVT_T2t_vit_12"),
+        "unknown model": (common(data, tiny, 2, "--model", "DVT_huge"), "unknown model 'DVT_huge'"),
+        "missing dataset": (common(data / "nowhere", tiny, 2, "--model", "DVT_tiny"), "dataset folder not found"),
+        "missing val folder": (common(bad["no_val"], tiny, 2, "--model", "DVT_tiny"), "has no 'val/' folder"),
+        "corrupt image": (common(bad["corrupt_data"], bad["project"], 1), "cannot read image"),
+        "corrupt image in a worker": (common(bad["corrupt_data"], bad["project"], 1, "--workers", 1),
+                                      "cannot read image"),
+        "corrupt checkpoint": (common(data, bad["garbage"], 1), "cannot read checkpoint"),
+        "missing checkpoint": (common(data, bad["garbage"].with_name("absent.pth"), 0), "checkpoint not found"),
+        "early exit without thresholds": (common(data, tiny, 2, "--early_exit"), "--early_exit needs thresholds"),
+        "budget below the first exit": (common(data, bad["project"], 2, "--budget", 0.001),
+                                        "below the cost of the first exit"),
+        "budget index out of range": (common(data, bad["project"], 1, "--early_exit", "--budget_index", 60),
+                                      "only 59 budgets"),
+        "fp16 autocast on the CPU": (common(data, bad["project"], 1, "--amp", "fp16"), "--amp fp16 needs a CUDA"),
+    }
+
+
+ERROR_NAMES = list(error_cases(defaultdict(lambda: Path("x")), Path("d"), Path("t")))  # names; paths from fixtures
+
+
+@pytest.mark.parametrize("case", ERROR_NAMES)
+def test_expected_mistakes_give_one_clear_line(case, bad_inputs, data_root, tiny_released, capsys):
+    argv, message = error_cases(bad_inputs, data_root, tiny_released)[case]
+    code, out, err = run_cli(capsys, *argv)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+    assert "Traceback" not in err and "Original" not in lines[-1]
+    assert "flops :" not in out
+
+
+def test_checkpoint_of_another_model_names_the_likely_model(data_root, tiny_released, capsys):
+    code, _, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_Deit_small"))
+    assert code != 0 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("error: checkpoint does not fit DVT_Deit_small") and "checkpoint for DVT_tiny" in err
+
+
+def test_command_line_error_has_no_traceback(bad_inputs):
+    proc = subprocess.run(
+        [sys.executable, "inference.py", "--data_url", bad_inputs["corrupt_data"], "--checkpoint_path",
+         bad_inputs["project"], "--eval_mode", "1", "--workers", "1", "--batch_size", "2", "--device", "cpu",
+         "--no_progress"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
+    assert "1.png" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ plots
+
+def test_plot_of_several_curves(tmp_path):
+    curves = [BudgetCurve("A", [1.0, 2.0, 1.5], [70.0, 78.0, 75.0], [0.5, 1.5, 3.0], [65.0, 76.0, 80.0]),
+              BudgetCurve("B", [1.2, 2.2], [71.0, 77.0])]
+    path = plot_budget_curves(curves, tmp_path / "sub" / "plot.png", title="t",
+                              points=[OperatingPoint("budget 1.5", 1.5, 75.0)])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="GFLOPs values but"):
+        plot_budget_curves([BudgetCurve("C", [1.0], [])], tmp_path / "x.png")
+
+
+# -------------------------------------------------------------------------- benchmark
+
+def test_early_exit_benchmark_runs(capsys):
+    spec = importlib.util.spec_from_file_location("bench_early_exit", ROOT / "scripts" / "bench_early_exit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--models", "DVT_tiny", "--batch_size", "8", "--budgets", "10", "40", "--iters", "1",
+                       "--warmup", "0", "--img_size", "112", "--devices", "cpu", "--threads", "1", "--profile"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.startswith("command: python ") and "machine: " in out
+    rows = [line for line in out.splitlines() if line.startswith("| DVT_tiny |")]
+    assert len(rows) == 4  # two budgets, in the speed-up table and in the profile
