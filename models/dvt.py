@@ -116,6 +116,7 @@ class DVTStage(nn.Module):
                 nn.Conv2d(3 * channels, channels, kernel_size=1),
             )
         self.resample = GridResample(prev_grid, grid) if prev_grid is not None else None
+        self.relation_chunk: Optional[int] = None  # samples per relation-reuse step; None: by device
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
@@ -132,15 +133,35 @@ class DVTStage(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _relation_biases(self, relations: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Previous stage's per-block logits -> one additive bias per block of this stage."""
+        """Previous stage's per-block logits -> one additive bias per block of this stage.
+
+        ``relation_reuse_conv`` (1x1 convolutions, as matrix products) runs on the previous
+        grid, then the maps are resampled to this grid. In CPU inference the samples are
+        processed one at a time: their maps stay in cache, and the (B, 3 * depth * heads, n, n)
+        hidden tensor is never built. In training and on accelerators the whole batch goes at
+        once (``relation_chunk`` overrides both).
+        """
         r = torch.cat(tuple(relations), dim=1)  # (B, depth * heads, n, n)
-        if r.shape[1] != self.depth * self.num_heads:
+        B, C, n, _ = r.shape
+        if C != self.depth * self.num_heads:
             raise ValueError(
                 f"relation reuse needs depth*heads = {self.depth * self.num_heads} maps from the "
-                f"previous stage, got {r.shape[1]}")
-        r = self.relation_reuse_conv(r)
-        r = self.resample(r, relations=True)  # (B, depth * heads, N + 1, N + 1)
-        return r.chunk(self.depth, dim=1)
+                f"previous stage, got {C}")
+        conv1, conv2 = self.relation_reuse_conv[0], self.relation_reuse_conv[2]
+        w1, w2 = conv1.weight.flatten(1), conv2.weight.flatten(1)  # (3C, C), (C, 3C)
+        if self.relation_chunk is not None:
+            chunk = self.relation_chunk
+        else:  # one sample at a time only for CPU inference: in training, slicing costs copies in backward
+            chunk = 1 if r.device.type == "cpu" and not (torch.is_grad_enabled() and r.requires_grad) else B
+        chunk = min(chunk, B)
+        pieces = []
+        for start in range(0, B, chunk):
+            x = r[start:start + chunk].flatten(2)  # (b, C, n * n)
+            h = self.relation_reuse_conv[1](torch.baddbmm(conv1.bias[:, None], w1.expand(x.shape[0], -1, -1), x))
+            h = torch.baddbmm(conv2.bias[:, None], w2.expand(x.shape[0], -1, -1), h)  # (b, C, n * n)
+            pieces.append(self.resample(h.view(-1, C, n, n), relations=True))  # (b, C, N + 1, N + 1)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out.chunk(self.depth, dim=1)
 
     def _reused_features(self, block: Block, tokens: torch.Tensor) -> torch.Tensor:
         """Previous stage's tokens (B, n + 1, C) -> this block's extra MLP input (B, N + 1, reuse_dim)."""

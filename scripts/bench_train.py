@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work: {args.model} at {args.img_size}px, batch {args.batch_size}, all exits, summed loss, backward, "
           f"AdamW step; {args.warmup} warm-up + {args.iters} timed steps, median")
     print()
-    print("| model | precision | batch | s/step (median) | img/s | vs original (3.7 img/s, float32) |")
+    print("| model | precision | batch | s/step (median) | img/s | vs reference 3.7 img/s (original, float32) |")
     print("|---|---|---|---|---|---|")
     for name in args.dtypes:
         times = train_steps(args.model, args.img_size, args.batch_size, DTYPES[name], device, args.warmup, args.iters)

@@ -230,6 +230,20 @@ def test_fused_and_manual_attention_agree():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_relation_reuse_batched_and_per_sample_agree():
+    """The CPU default (one sample at a time) and the accelerator default (whole batch)."""
+    torch.manual_seed(0)
+    model = small_t2t().eval()
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        per_sample = model(x)
+        for stage in model.stages:
+            stage.relation_chunk = 64
+        batched = model(x)
+    for a, b in zip(per_sample, batched):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_bf16_autocast_close_to_float32():
     """bfloat16 autocast on CPU: logits of the golden DeiT cascade stay within 0.1 of float32
     (standard deviation of the logits: about 1)."""
