@@ -12,8 +12,6 @@ DVT_T2t_vit_12 at 3.7 images/second on the 2-core CPU this project is developed 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,21 +29,11 @@ import models  # noqa: E402,F401  (registers the DVT models)
 from utils.engine import param_groups  # noqa: E402
 from utils.evaluate import autocast_context  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import machine_description  # noqa: E402
+
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ORIGINAL_IMG_PER_S = 3.7  # original code, DVT_T2t_vit_12, float32, batch 16, this project's 2-core CPU
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, timm {timm.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"timm {timm.__version__}, python {platform.python_version()}")
 
 
 def sync(device: torch.device) -> None:

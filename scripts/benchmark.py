@@ -28,15 +28,17 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def machine_description(device: torch.device) -> str:
+    """The device and the software versions, for the line under a benchmark's table."""
+    versions = f"torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}"
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name(device)}, {versions}"
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {versions}"
 
 
 def _sync(device: torch.device) -> None:
