@@ -45,6 +45,7 @@ from utils.budget import (
 )
 from utils.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint_file, load_weights
 from utils.data import DataError, build_split, calibration_transform, eval_transform, seeded_subset
+from utils.engine import head_classes
 from utils.evaluate import autocast_context, collect_exit_stats
 from utils.flops import exit_gflops
 from utils.plots import OperatingPoint, plot_accuracy_vs_gflops
@@ -193,14 +194,6 @@ def model_name_for(args: argparse.Namespace, checkpoint: dict, path: str) -> str
     if name not in MODEL_CFGS:
         raise CheckpointError(f"{path} names an unknown model {name!r}; known: {', '.join(MODEL_CFGS)}")
     return name
-
-
-def head_classes(state_dict: dict[str, torch.Tensor]) -> Optional[int]:
-    """Output size of the first classifier head in a state dict (any key layout)."""
-    for key, value in state_dict.items():
-        if key.endswith("head.weight") and value.dim() == 2:
-            return int(value.shape[0])
-    return None
 
 
 def build_model(args: argparse.Namespace, checkpoint: dict, path: str) -> DVT:

@@ -42,7 +42,7 @@ from models.registry import MODEL_CFGS  # noqa: E402
 from utils.budget import FINAL_THRESHOLD, thresholds_for_budget  # noqa: E402
 from utils.checkpoint import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
 from utils.data import DataError, build_split, eval_transform, seeded_subset  # noqa: E402
-from utils.engine import checkpoint_weights  # noqa: E402
+from utils.engine import checkpoint_weights, head_classes  # noqa: E402
 from utils.evaluate import collect_exit_stats  # noqa: E402
 from utils.flops import exit_gflops  # noqa: E402
 from utils.synthetic import read_manifest  # noqa: E402
@@ -71,13 +71,6 @@ class ExitRun(NamedTuple):
 
 # ------------------------------------------------------------------------- model
 
-def _head_classes(state_dict: dict[str, torch.Tensor]) -> Optional[int]:
-    for key, value in state_dict.items():
-        if key.endswith("head.weight") and value.dim() == 2:
-            return int(value.shape[0])
-    return None
-
-
 def load_model(checkpoint: dict, path: str, model: Optional[str] = None, img_size: Optional[int] = None,
                weights: str = "auto") -> DVT:
     """The checkpoint's cascade with its weights loaded, in eval mode on the CPU.
@@ -105,7 +98,7 @@ def load_model(checkpoint: dict, path: str, model: Optional[str] = None, img_siz
         net = model_from_checkpoint(checkpoint, name, **overrides)
     else:
         overrides.setdefault("img_size", 224)
-        net = build_dvt(name, num_classes=_head_classes(state_dict) or 1000, **overrides)
+        net = build_dvt(name, num_classes=head_classes(state_dict) or 1000, **overrides)
     load_weights(net, state_dict)
     return net.eval()
 
