@@ -183,8 +183,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a tiny run of seconds through every step (for tests)")
     args = p.parse_args(argv)
-    run_demo(Path(args.output), Path(args.data), args.quick, args.tolerance, args.batch_size, args.workers,
-             args.threads, args.seed)
+    try:
+        run_demo(Path(args.output), Path(args.data), args.quick, args.tolerance, args.batch_size, args.workers,
+                 args.threads, args.seed)
+    except (ValueError, OSError) as e:  # e.g. --data names a folder that is not a generated dataset
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
