@@ -23,32 +23,53 @@ Beyond the original: ``--budget GFLOPS`` picks thresholds for an average cost,
 ``--output DIR`` writes every number as JSON and an accuracy/GFLOPs plot, and
 ``--save_checkpoint FILE`` stores newly found thresholds and results for modes 0 and 1.
 Progress and notes go to stderr; results to stdout.
+
+Classifying one's own images (no labels; see :mod:`utils.predict`)::
+
+    python inference.py --checkpoint_path CKPT --predict PATH [PATH ...] [--budget GFLOPS] [--output preds.csv]
+
+``PATH``: image files, folders (walked recursively) or text files listing image paths. The
+thresholds come from ``--thresholds``, else ``--budget`` or ``--budget_index`` resolved against
+the checkpoint's stored table, else a default row (:mod:`utils.threshold_choice`). One row per
+image goes to ``--output`` (``.csv`` or ``.jsonl``) or, without it, to stdout as CSV.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from models import DVT, build_dvt, model_from_checkpoint
+from models import DVT
+from models.baseline import is_cascade_name
+from models.deploy import CompiledCascade
 from models.registry import MODEL_CFGS
 from utils.budget import (
-    DEFAULT_BUDGETS, BudgetThresholds, ExitStatsAccumulator, anytime_accuracy, budget_curve, budget_exit_shares,
-    evaluate_thresholds, exit_assignment, find_thresholds, thresholds_for_budget,
+    DEFAULT_BUDGETS, BudgetThresholds, budget_curve, budget_exit_shares, evaluate_thresholds, exit_assignment,
+    find_thresholds, thresholds_for_budget,
 )
-from utils.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint_file, load_weights
-from utils.data import DataError, build_split, calibration_transform, eval_transform, seeded_subset
-from utils.engine import head_classes
-from utils.evaluate import autocast_context, collect_exit_stats
+from utils.checkpoint import atomic_save, build_from_checkpoint, checkpoint_model_name, load_checkpoint_file
+from utils.classes import check_checkpoint_classes, check_split_classes
+from utils.data import CALIB_SEED, build_split, calibration_subset, calibration_transform, eval_transform, split_dir
+from utils.errors import CheckpointError, DataError
+from utils.evaluate import ExitStatsAccumulator, anytime_accuracy, autocast_context, collect_exit_stats
 from utils.flops import exit_gflops
+from utils.image_stream import check_sources
+from utils.labels import LABEL_TYPES
 from utils.plots import OperatingPoint, plot_accuracy_vs_gflops
+from utils.preflight import check_output_folder, check_writable_file
+from utils.scan import list_classes
+from utils.precision import resolve_precision
+from utils.predict import DVTClassifier
+from utils.prediction_output import PredictionSummary, PredictionWriter, output_format
 
 DEFAULT_MODEL = "DVT_T2t_vit_12"
 RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
@@ -72,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--batch_size", default=64, type=int, help="mini-batch size (default: 64)")
     orig.add_argument("--model", default=None, type=str,
                       help=f"model name (default: the checkpoint's own, else {DEFAULT_MODEL}); "
-                           f"one of {', '.join(MODEL_CFGS)}")
+                           f"one of {', '.join(MODEL_CFGS)}, or a timm model trained as a single-exit baseline")
     orig.add_argument("--checkpoint_path", required=True, type=str, help="checkpoint file")
     orig.add_argument("--eval_mode", default=2, type=int, choices=(0, 1, 2),
                       help="0: print the checkpoint's stored results; 1: evaluate val with the stored "
@@ -82,12 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--workers", default=min(8, os.cpu_count() or 1), type=int,
                      help="data loading processes (default: min(8, cores))")
-    run.add_argument("--amp", nargs="?", const="bf16", default=None, choices=tuple(AMP_DTYPES),
-                     help="autocast; bare --amp means bf16 (fp16 needs CUDA)")
+    run.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", *AMP_DTYPES),
+                     help="autocast; bare --amp: fp16 on CUDA, bf16 on a CPU with native bf16, else float32 "
+                          "with a warning (fp16 needs CUDA)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the all-exit forward and, for --early_exit, each stage (one graph for "
+                          "every batch size); the first batches take longer while it compiles")
     run.add_argument("--img_size", default=None, type=int,
                      help="input resolution (default: the checkpoint's, else 224)")
     run.add_argument("--num_classes", default=None, type=int,
                      help="classes of the heads (default: the checkpoint heads' size)")
+    run.add_argument("--allow_class_mismatch", "--allow-class-mismatch", action="store_true",
+                     help="evaluate even when the dataset's classes are not the checkpoint's (names when it "
+                          "stores them, else their number); without it such a run stops before evaluating")
     run.add_argument("--no_progress", action="store_true", help="no progress bars")
     calib = parser.add_argument_group("calibration (mode 2 and --budget)")
     calib.add_argument("--calib_size", default=50000, type=int,
@@ -95,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--calib_transform", default="train", choices=("train", "eval"),
                        help="augmentation of the calibration images: 'train' (random crop and flip, as "
                             "the original) or 'eval' (resize and center crop) (default: train)")
-    calib.add_argument("--seed", default=0, type=int, help="seed of the calibration subset and augmentation")
+    calib.add_argument("--seed", "--calib_seed", dest="seed", default=CALIB_SEED, type=int,
+                       help="seed of the calibration images and their augmentation; the default is main.py's "
+                            f"--calib-seed default, so both give the same weights the same thresholds "
+                            f"(default: {CALIB_SEED})")
     budget = parser.add_argument_group("budgets and early exit")
     budget.add_argument("--budget", nargs="+", default=[], type=float, metavar="GFLOPS",
                         help="average GFLOPs per image: find the most accurate thresholds within it on the "
@@ -112,7 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save_checkpoint", default=None, type=str,
                      help="write the checkpoint with the new flops, anytime_classification, dynamic_threshold "
                           "and budgeted_batch_classification (modes 1 and 2)")
+    add_predict_args(parser)
     return parser
+
+
+def add_predict_args(parser: argparse.ArgumentParser) -> None:
+    pred = parser.add_argument_group(
+        "classifying images (--predict)",
+        "with --predict, --budget GFLOPS picks the most accurate row of the checkpoint's stored thresholds whose "
+        "expected cost fits, --budget_index P takes row P, and --output names a .csv or .jsonl file")
+    pred.add_argument("--predict", nargs="+", default=None, metavar="PATH",
+                      help="classify these image files, folders (recursively) and text files of image paths")
+    pred.add_argument("--thresholds", nargs="+", default=None, type=float, metavar="T",
+                      help="confidence threshold of each exit but the last (before --budget and --budget_index)")
+    pred.add_argument("--topk", nargs="?", const=5, default=0, type=int, metavar="K",
+                      help="also write the K most probable classes (bare --topk: 5)")
+    pred.add_argument("--label_type", "--label-type", default="description", choices=LABEL_TYPES,
+                      help="class label written: description (ImageNet lemmas, or the class name), name (the "
+                           "class name; the WordNet id for ImageNet), detailed, none (default: description)")
+    pred.add_argument("--class_names", "--class-names", default=None, metavar="FILE",
+                      help="class names, one per line or a JSON list, instead of the checkpoint's "
+                           "(default: its class_names; ImageNet's for 1000 classes without names)")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -127,8 +178,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--img_size must be positive, got {args.img_size}")
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError(f"--num_classes must be positive, got {args.num_classes}")
-    if args.model is not None and args.model not in MODEL_CFGS:
-        raise UsageError(f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_CFGS)}")
+    if args.model is not None and not is_cascade_name(args.model):
+        raise UsageError(f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_CFGS)}, "
+                         "or a timm model (single-exit baseline)")
     if args.eval_mode == 0:
         for flag, given in (("--budget", args.budget), ("--budget_index", args.budget_index),
                             ("--early_exit", args.early_exit), ("--save_checkpoint", args.save_checkpoint)):
@@ -155,11 +207,14 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    if amp is None:
-        return None
-    if amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-    return AMP_DTYPES[amp]
+    """The autocast dtype of --amp on ``device`` (utils.precision's rule, shared with main.py)."""
+    try:
+        precision = resolve_precision(amp, device)
+    except ValueError as e:
+        raise UsageError(f"--amp {amp}: {e}") from None
+    if precision.warning:
+        note(f"warning: {precision.warning}")
+    return precision.dtype
 
 
 # ----------------------------------------------------------------------- checkpoint
@@ -184,45 +239,91 @@ def require_entries(checkpoint: dict, keys: Sequence[str], path: str, purpose: s
             f"{path} has no {', '.join(repr(k) for k in missing)} entry, needed {purpose} (it holds: {have})")
 
 
-def model_name_for(args: argparse.Namespace, checkpoint: dict, path: str) -> str:
-    """The model to build: the checkpoint's own name, which ``--model`` must agree with."""
-    stored = checkpoint.get("model_name")
-    if stored is not None and args.model is not None and stored != args.model:
-        raise CheckpointError(
-            f"{path} holds a {stored} checkpoint, but --model is {args.model}; drop --model or pass --model {stored}")
-    name = stored or args.model or DEFAULT_MODEL
-    if name not in MODEL_CFGS:
-        raise CheckpointError(f"{path} names an unknown model {name!r}; known: {', '.join(MODEL_CFGS)}")
-    return name
-
-
 def build_model(args: argparse.Namespace, checkpoint: dict, path: str) -> DVT:
-    """The checkpoint's model with its weights loaded, on the CPU."""
-    name = model_name_for(args, checkpoint, path)
-    state_dict = extract_state_dict(checkpoint, path)
-    overrides = {}
-    if args.img_size is not None:
-        overrides["img_size"] = args.img_size
-    if args.num_classes is not None:
-        overrides["num_classes"] = args.num_classes
-    if "model_name" in checkpoint:
-        model = model_from_checkpoint(checkpoint, name, **overrides)
-    else:
-        # released files carry weights only: the heads tell the number of classes
-        overrides.setdefault("num_classes", head_classes(state_dict) or 1000)
-        overrides.setdefault("img_size", 224)
-        model = build_dvt(name, **overrides)
-    load_weights(model, state_dict)
-    return model.eval()
+    """The checkpoint's model with its weights loaded (the EMA weights of a training
+    checkpoint that has them), in eval mode on the CPU."""
+    overrides = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
+    model, _ = build_from_checkpoint(checkpoint, path, name=args.model, default_name=DEFAULT_MODEL, **overrides)
+    return model
 
 
 # ----------------------------------------------------------------------------- data
 
+def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C signals every process of the terminal: the loader workers ignore it, so only the
+    main process reports it, in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class CtrlC:
+    """The SIGINT handler of the command: KeyboardInterrupt in the main process, except while
+    loader workers are being forked, where it waits until they are up (a KeyboardInterrupt
+    inside Python's fork hooks is printed as a traceback and then lost). A forked worker that
+    inherits a signal the main process had not handled yet ignores it."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.forking = False
+        self.pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            return
+        if self.forking:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold a Ctrl-C back during the block; raise it after."""
+        self.forking, self.pending = True, False
+        try:
+            yield
+        finally:
+            self.forking = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+CTRL_C = CtrlC()
+
+
+class QuietCtrlCLoader(torch.utils.data.DataLoader):
+    """A DataLoader that starts its workers with Ctrl-C held back (see :class:`CtrlC`)."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with CTRL_C.holding():
+            return super().__iter__()
+
+
 def make_loader(dataset, args: argparse.Namespace, device: torch.device, seed: int) -> torch.utils.data.DataLoader:
-    """In-order loader; ``seed`` fixes the workers' random augmentation."""
-    return torch.utils.data.DataLoader(
+    """In-order loader (its generator, seeded, leaves the global one alone)."""
+    return QuietCtrlCLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_leave_ctrl_c_to_the_main_process if args.workers > 0 else None)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--output and --save_checkpoint can be written, before any slow step."""
+    if args.output:
+        check_output_folder(args.output, 0, "--output")
+    if args.save_checkpoint:
+        check_writable_file(args.save_checkpoint, "--save_checkpoint")
+
+
+def check_classes(args: argparse.Namespace, checkpoint: dict, model: DVT, val_set: Any, calibrates: bool) -> None:
+    """The validation classes are the checkpoint's (and the calibration split's), or stop."""
+    names = list(val_set.classes)
+    if calibrates:
+        check_split_classes(list_classes(split_dir(args.data_url, "train")), names, args.data_url)
+    warning = check_checkpoint_classes(checkpoint.get("class_names"), model.num_classes, names,
+                                       args.checkpoint_path, args.allow_class_mismatch)
+    if warning:
+        note(warning)
 
 
 def sync(device: torch.device) -> None:
@@ -354,7 +455,7 @@ def show_stored(args: argparse.Namespace, checkpoint: dict, report: dict) -> Non
     path = args.checkpoint_path
     require_entries(checkpoint, RESULT_KEYS, path, "by --eval_mode 0")
     if args.model is not None:
-        model_name_for(args, checkpoint, path)
+        checkpoint_model_name(checkpoint, path, args.model, DEFAULT_MODEL)
     flops, anytime, curve = (plain(checkpoint[k]) for k in RESULT_KEYS)
     print_results(flops, anytime, curve)
     if args.output:
@@ -390,9 +491,8 @@ def calibrate(args: argparse.Namespace, model: DVT, device: torch.device, amp_dt
     """Exit statistics on a seeded random subset of the training set: (confidence, correct, size)."""
     size = model.img_size
     transform = calibration_transform(size) if args.calib_transform == "train" else eval_transform(size)
-    calib_set = seeded_subset(build_split(args.data_url, "train", transform), args.calib_size, args.seed)
+    calib_set = calibration_subset(build_split(args.data_url, "train", transform), args.calib_size, args.seed)
     note(f"calibration: {len(calib_set)} training images ({args.calib_transform} transform, seed {args.seed})")
-    torch.manual_seed(args.seed)  # without workers the augmentation draws from the global generator
     confidence, correct = collect_exit_stats(
         model, make_loader(calib_set, args, device, args.seed), device, amp_dtype, desc="calibration",
         progress=not args.no_progress)
@@ -439,9 +539,64 @@ def early_exit_report(label: str, thresholds: torch.Tensor, run: tuple[torch.Ten
 
 # ---------------------------------------------------------------------------- main
 
+def check_predict_args(args: argparse.Namespace) -> None:
+    """Options of --predict, before anything is loaded."""
+    for flag, given in (("--early_exit", args.early_exit), ("--save_checkpoint", args.save_checkpoint)):
+        if given:
+            raise UsageError(f"{flag} is for evaluation; it does not go with --predict")
+    for flag, values in (("--budget", args.budget), ("--budget_index", args.budget_index)):
+        if len(values) > 1:
+            raise UsageError(f"--predict takes one {flag}, got {len(values)}")
+        if values and args.thresholds is not None:
+            note(f"{flag} is not used: --thresholds comes first")
+    if args.budget and args.budget_index:
+        note("--budget_index is not used: --budget comes first")
+    for flag, value, low in (("--batch_size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--topk", args.topk, 0)):
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if args.model is not None and not is_cascade_name(args.model):
+        raise UsageError(f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_CFGS)}, "
+                         "or a timm model (single-exit baseline)")
+    output_format(args.output)
+
+
+def predict_images(args: argparse.Namespace) -> None:
+    """--predict: one row per image to --output (or stdout), notes and the summary to stderr."""
+    check_predict_args(args)
+    sources = check_sources(args.predict)
+    device = resolve_device(args.device)
+    clf = DVTClassifier.from_checkpoint(
+        args.checkpoint_path, model=args.model, budget=args.budget[0] if args.budget else None,
+        budget_index=args.budget_index[0] if args.budget_index else None, thresholds=args.thresholds,
+        device=device, amp=resolve_amp(args.amp, device), class_names=args.class_names,
+        label_type=args.label_type, img_size=args.img_size)
+    net = clf.model
+    names = ("from " + args.class_names if args.class_names else "the checkpoint's" if
+             net.pretrained_cfg.get("label_names") else "ImageNet's (timm)" if clf.to_label else "none")
+    note(f"{net.model_name}: {net.num_exits} exits at {fmt_list(clf.flops)} GFLOPs, {net.img_size} px, {net.num_classes} "
+         f"classes (names: {names}); on {device}" + (f", autocast {clf.amp_dtype}" if clf.amp_dtype else ""))
+    note(clf.choice.describe())
+    summary = PredictionSummary(clf.num_exits)
+    topk = min(args.topk, net.num_classes)
+    with PredictionWriter(args.output, topk) as writer, \
+            tqdm(unit="img", desc="predict", disable=args.no_progress, leave=False, file=sys.stderr) as bar:
+        for rows in clf.predict_batches(sources, args.batch_size, args.workers, topk):
+            writer.write_many(rows)
+            summary.add(rows)
+            bar.update(len(rows))
+    note(summary.line(clf.choice.budget, clf.choice.expected_gflops))
+    if args.output:
+        note(f"wrote {args.output}")
+
+
 def evaluate(args: argparse.Namespace) -> None:
     """The body of the command; raises the errors :func:`main` turns into messages."""
+    if args.predict is not None:
+        predict_images(args)
+        return
     check_args(args)
+    check_outputs(args)
     path = args.checkpoint_path
     checkpoint = load_checkpoint_file(path)
     report: dict[str, Any] = {"settings": dict(vars(args))}
@@ -468,9 +623,11 @@ def evaluate(args: argparse.Namespace) -> None:
     model.to(device)
 
     val_set = build_split(args.data_url, "val", eval_transform(model.img_size))
+    check_classes(args, checkpoint, model, val_set, args.eval_mode == 2 or bool(args.budget))
+    runner = CompiledCascade(model) if args.compile else model
     calib = None
     if args.eval_mode == 2 or args.budget:
-        *calib, report["num_calibration"] = calibrate(args, model, device, amp_dtype)
+        *calib, report["num_calibration"] = calibrate(args, runner, device, amp_dtype)
     if thresholds is None:  # mode 2: from the calibration set alone, so known before val runs
         shares = torch.stack([budget_exit_shares(p, num_exits) for p in budgets])  # (P, E)
         thresholds = find_thresholds(calib[0], shares).cpu()
@@ -481,7 +638,7 @@ def evaluate(args: argparse.Namespace) -> None:
         early_sets += [(f"budget {t:g} GFLOPs", f.thresholds) for t, f in zip(args.budget, found)]
 
     note(f"evaluating {len(val_set)} validation images on {device}")
-    val = run_validation(model, make_loader(val_set, args, device, args.seed), device, amp_dtype,
+    val = run_validation(runner, make_loader(val_set, args, device, args.seed), device, amp_dtype,
                          [t for _, t in early_sets], not args.no_progress)
     _, curve = budget_curve(val.confidence, val.correct, flops, thresholds=thresholds)
     anytime = anytime_accuracy(val.correct)
@@ -533,6 +690,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    previous = signal.signal(signal.SIGINT, CTRL_C)
+    CTRL_C.pid = os.getpid()
     try:
         evaluate(args)
     except out_of_memory:
@@ -544,6 +703,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
 
 

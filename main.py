@@ -18,6 +18,8 @@ state), ``summary.csv`` (one row per epoch), ``log.txt`` and, at the end,
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import csv
 import difflib
 import importlib.util
@@ -28,36 +30,63 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import timm
 import torch
 import torch.nn as nn
 import yaml
-from timm.data import Mixup, create_transform
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, list_optimizers
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ApexScaler, ModelEmaV3, NativeScaler
+from timm.data import create_transform
+from timm.optim import list_optimizers
+from timm.utils import ApexScaler, NativeScaler
 from torch.nn.parallel import DistributedDataParallel
 
 import models  # noqa: F401  (registers the DVT models in timm)
-from models import model_from_checkpoint
-from utils.checkpoint import CheckpointError, load_checkpoint_file, load_weights
-from utils.data import DataError, build_split, calibration_transform, eval_transform, seeded_subset, split_dir
-from utils.engine import (
-    STREAM_CALIB_SAMPLES, STREAM_TRAIN_SAMPLES, ConfigError, DistEnv, EpochSampler, ExitMeter, NonFiniteLossError,
-    SeededDataset, ShardSampler, StopSignal, TrainContext, TrainingInterrupted, agreed_flags, broadcast_object,
-    checkpoint_weights, cifar_train_transform, cleanup_distributed, default_mean_std, evaluate, export_released,
-    format_metrics, head_classes, init_head_, is_training_checkpoint, load_cifar, make_loader, param_groups,
-    restore_rng_state, save_training_state, seed_all, setup_distributed, train_one_epoch, training_checkpoint,
+from models.baseline import create_cascade, is_cascade_name, is_single_exit
+from models.registry import MODEL_CFGS
+from utils.augment import guard_posterize
+from utils.checkpoint import (
+    ResumePoint, build_from_checkpoint, checkpoint_weights, head_classes, is_training_checkpoint,
+    load_checkpoint_file, load_weights, restore_training_state, save_training_state, training_checkpoint,
+)
+from utils.cifar import CIFAR_NUM_CLASSES, cifar_train_transform, load_cifar
+from utils.data import (
+    CALIB_SEED, EpochSampler, SeededDataset, ShardSampler, build_split, calibration_subset, calibration_transform,
+    close_loaders, default_mean_std, eval_transform, make_loader, split_dir,
+)
+from utils.distributed import (
+    DistEnv, agreed_flags, broadcast_object, cleanup_distributed, on_rank_zero, setup_distributed,
+)
+from utils.elastic import derived_experiment, under_elastic_launcher
+from utils.errors import CheckpointError, ConfigError, DataError
+from utils.images import BAD_IMAGE_POLICIES, BadImageCounter, DeviceNormalize, SkipBadImages, loader_collate
+from utils.interrupt import Interrupted, signals_raise
+from utils.classes import check_checkpoint_classes, check_split_classes, few_classes_warning
+from utils.preflight import (
+    check_finite_options, check_image_sizes, check_not_rewinding, check_output_folder, check_resumable, checkpoint_bytes,
+    check_writable_file, state_layout,
+)
+from utils.runfolder import create_unique_folder
+from utils.runlock import RunLock, RunLockedError
+from utils.scan import list_classes
+from utils.yamlfile import safe_load_unique
+from utils.recipe import (
+    build_ema, build_mixup_and_loss, build_optimizer, build_scheduler, init_head_, mixup_active, scaled_lr,
+)
+from utils.precision import resolve_precision
+from utils.release import export_released
+from utils.shards import TarImageFolder, tar_split
+from utils.steps import StepGuard, parse_injections
+from utils.rng import STREAM_TRAIN_SAMPLES, deterministic_mode, seed_all
+from utils.train import (
+    EpochResult, ExitMeter, NonFiniteLossError, StopSignal, TrainContext, TrainingInterrupted, evaluate, format_metrics,
+    train_one_epoch,
 )
 
 _logger = logging.getLogger("dvt.train")
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DATASETS = ("imagenet", "folder", "cifar10", "cifar100")
-CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 CONFIG_FILE = "config.yaml"
 LAST, BEST, RELEASED = "last.pth.tar", "best.pth.tar", "released.pth.tar"
 NOT_CONFIG = ("help", "config", "local_rank")  # keys a config file cannot set
@@ -72,7 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default="", metavar="FILE",
                    help="YAML file of default values (keys: long flag names); command-line flags override it")
+    _add_data_args(p)
+    _add_checkpoint_args(p)
+    _add_optimizer_args(p)
+    _add_schedule_args(p)
+    _add_augmentation_args(p)
+    _add_ema_args(p)
+    _add_runtime_args(p)
+    return p
 
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """Options: data and model."""
     g = p.add_argument_group("data and model")
     g.add_argument("data", nargs="?", default=None, metavar="DIR",
                    help="dataset folder: train/ and val/ ImageFolders, or the CIFAR folder with --dataset cifar*")
@@ -81,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imagenet/folder: DIR/train and DIR/val ImageFolders; cifar10/cifar100: torchvision's format")
     g.add_argument("--train-split", default="train", help="training folder inside DIR")
     g.add_argument("--val-split", default="val", help="validation folder inside DIR")
-    g.add_argument("--model", default="DVT_T2t_vit_12", metavar="MODEL", help="registered DVT model name")
+    g.add_argument("--model", default="DVT_T2t_vit_12", metavar="MODEL",
+                   help="DVT model, or any timm classifier trained as a single-exit baseline (deit_small_patch16_224, ...)")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="KEY=VALUE",
+                   help="more constructor arguments of the model (timm's convention), e.g. depth=6 patch_size=8")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute every block in the backward pass: less activation memory, slower steps")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classes of the heads (default: the dataset's)")
     g.add_argument("--img-size", type=int, default=224, metavar="N", help="input resolution")
@@ -101,15 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-j", "--workers", type=int, default=8, metavar="N", help="data loading processes per process")
     g.add_argument("--pin-mem", action=argparse.BooleanOptionalAction, default=None,
                    help="pinned host memory for the loaders (default: on with CUDA)")
+    g.add_argument("--bad-images", default="error", choices=BAD_IMAGE_POLICIES,
+                   help="an unreadable image: error stops the run naming the file; skip replaces the sample by "
+                        "another of its batch, logs the file and counts it")
+    g.add_argument("--bad-images-max-fraction", type=float, default=0.001, metavar="F",
+                   help="with --bad-images skip: stop when more than this share of an epoch's images failed")
 
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """Options: checkpoints."""
     g = p.add_argument_group("checkpoints")
     g.add_argument("--initial-checkpoint", default="", metavar="PATH",
                    help="start from these weights (same classes; released layout or ours)")
     g.add_argument("--finetune", default="", metavar="PATH",
                    help="start from these weights with new heads for the dataset's classes (transfer learning)")
     g.add_argument("--resume", default="", metavar="PATH", help="continue a run exactly from its last.pth.tar")
-    g.add_argument("--auto-resume", action="store_true",
-                   help="resume from the run folder's last.pth.tar when there is one")
+    g.add_argument("--auto-resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="resume from the run folder's last.pth.tar when there is one; None: on under torchrun "
+                        "(whose restarts and re-launches then continue the run), off otherwise")
     g.add_argument("--no-resume-opt", action="store_true",
                    help="with --resume: restore the weights and the position only, not optimizer/scaler/scheduler")
     g.add_argument("--start-epoch", type=int, default=None, metavar="N", help="override the epoch to start at")
@@ -132,9 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --export-released writes (default: released.pth.tar next to CKPT)")
     g.add_argument("--calib-size", type=int, default=50000, metavar="N",
                    help="seeded random training images (training augmentation) used to fit the thresholds")
+    g.add_argument("--calib-seed", type=int, default=CALIB_SEED, metavar="S",
+                   help="seed of the calibration images and their augmentation (the default of inference.py "
+                        "--seed too: the same weights get the same thresholds from both)")
     g.add_argument("--eval-checkpoint", "--eval_checkpoint", default="", metavar="PATH",
                    help="only evaluate the per-exit accuracy of this checkpoint on the validation set")
 
+
+def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    """Options: optimizer."""
     g = p.add_argument_group("optimizer")
     g.add_argument("--opt", default="adamw", metavar="OPTIMIZER", help="timm optimizer name")
     g.add_argument("--opt-eps", type=float, default=None, metavar="EPSILON")
@@ -149,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-base-size", type=int, default=512, metavar="N")
     g.add_argument("--backbone-lr-scale", type=float, default=1.0, metavar="S",
                    help="learning-rate factor of everything but the heads (T2T-ViT transfer uses 0.01)")
+    g.add_argument("--layer-decay", type=float, default=None, metavar="D",
+                   help="layer-wise learning-rate decay (timm): block i of L gets D^(L-i), the embeddings "
+                        "D^(L+1), the heads 1; in a cascade depth counts within each stage")
 
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """Options: schedule."""
     g = p.add_argument_group("schedule")
     g.add_argument("--sched", default="cosine", metavar="SCHEDULER", help="timm scheduler name")
     g.add_argument("--epochs", type=int, default=300, metavar="N", help="epochs (plus --cooldown-epochs)")
@@ -166,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-cycle-mul", type=float, default=1.0, metavar="MULT")
     g.add_argument("--lr-cycle-limit", type=int, default=1, metavar="N")
 
+
+def _add_augmentation_args(p: argparse.ArgumentParser) -> None:
+    """Options: augmentation and regularisation."""
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--no-aug", action="store_true", help="no training augmentation")
     g.add_argument("--train-crop", default="rrc", choices=("rrc", "pad"),
@@ -195,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn-drop", type=float, default=0.0, metavar="PCT", help="attention dropout")
     g.add_argument("--drop-path", type=float, default=0.1, metavar="PCT", help="stochastic depth")
 
+
+def _add_ema_args(p: argparse.ArgumentParser) -> None:
+    """Options: model EMA."""
     g = p.add_argument_group("model EMA")
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
                    help="track an exponential moving average of the weights")
@@ -202,9 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU (not evaluated)")
     g.add_argument("--model-ema-warmup", action="store_true", help="timm's EMA decay warm-up")
 
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Options: precision, devices and logging."""
     g = p.add_argument_group("precision, devices and logging")
     g.add_argument("--amp", action="store_true",
-                   help="torch.autocast: float16 + GradScaler on CUDA, bfloat16 on the CPU")
+                   help="torch.autocast: float16 + GradScaler on CUDA; bfloat16 on a CPU with native bfloat16, "
+                        "else float32 with a warning")
     g.add_argument("--native-amp", action="store_true", help="same as --amp")
     g.add_argument("--amp-dtype", default=None, choices=tuple(AMP_DTYPES), help="autocast dtype (implies --amp)")
     g.add_argument("--apex-amp", action="store_true", help="NVIDIA apex AMP (O1) instead of torch.autocast")
@@ -213,12 +289,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                    help="set by torch.distributed.launch")
     g.add_argument("--seed", type=int, default=42, metavar="S")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model in place (one graph for every batch size; the EMA copy and the "
+                        "checkpoints are unchanged); the first steps take longer while it compiles")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (bit-exact resume on CUDA too; slower)")
-    g.add_argument("--log-interval", type=int, default=50, metavar="N", help="steps between log lines")
+                   help="deterministic kernels, for bit-exact resume (slower): torch's deterministic algorithms "
+                        "(an operation without one stops the run with an error), deterministic cuDNN and cuBLAS "
+                        "(CUBLAS_WORKSPACE_CONFIG=:4096:8), attention on the math kernel only")
+    g.add_argument("--log-interval", type=int, default=50, metavar="N",
+                   help="steps between log lines (and between reads of the stop flag and skip counters)")
+    g.add_argument("--max-bad-steps", type=int, default=10, metavar="K",
+                   help="stop after K training steps in a row with a non-finite loss (each is skipped; 0: never stop)")
+    g.add_argument("--inject-nonfinite", nargs="*", default=[], metavar="EPOCH:STEP[@RANK]",
+                   help="debugging: make the loss of these steps NaN (on every rank, or on RANK)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars on rank 0 (default: when stdout is a terminal)")
-    return p
+
+
+class ModelKwargs(argparse.Action):
+    """``KEY=VALUE ...`` -> dict; values are Python literals where they parse, else strings."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {item!r}")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
 
 
 def _dashed(dest: str) -> str:
@@ -230,6 +331,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     where = f"{source}: key '{key}'"
     if value is None:
         return None
+    if isinstance(action, ModelKwargs):
+        if not (isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() for k in value)):
+            raise ConfigError(f"{where} must be a mapping of argument names to values, got {value!r}")
+        return dict(value)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -268,7 +373,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Defaults from a YAML file; raises ConfigError naming an unknown key or a bad value."""
     try:
         with open(path) as f:
-            cfg = yaml.safe_load(f)
+            cfg = safe_load_unique(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, yaml.YAMLError) as e:
@@ -334,15 +439,28 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"unknown --opt {args.opt!r}; timm optimizers: {', '.join(list_optimizers())}")
     if not re.fullmatch(r"loss|top1|top5|exit\d+_(loss|top1|top5)", args.eval_metric):
         raise ConfigError(f"--eval-metric {args.eval_metric!r}: use top1, top5, loss or exit{{k}}_top1/_loss")
-    if _mixup_active(args) and args.batch_size % 2:
+    if mixup_active(args) and args.batch_size % 2:
         raise ConfigError(f"mixup/cutmix needs an even --batch-size, got {args.batch_size}")
+    if not is_cascade_name(args.model):
+        raise ConfigError(f"unknown model {args.model!r}: neither a DVT model ({', '.join(timm.list_models('DVT*'))}) "
+                          "nor a timm model")
+    if not (args.feature_reuse and args.relation_reuse) and is_single_exit(args.model):
+        raise ConfigError(f"--model {args.model} is a single-exit model: --no-feature-reuse and "
+                          "--no-relation-reuse only apply to DVT models")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise ConfigError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.layer_decay is not None and args.backbone_lr_scale != 1.0:
+        raise ConfigError("--layer-decay and --backbone-lr-scale both set the learning rate of the lower layers; "
+                          "pass one of them")
     if args.dataset in CIFAR_NUM_CLASSES and args.num_classes not in (None, CIFAR_NUM_CLASSES[args.dataset]):
         raise ConfigError(f"--dataset {args.dataset} has {CIFAR_NUM_CLASSES[args.dataset]} classes, "
                           f"but --num-classes is {args.num_classes}")
-
-
-def _mixup_active(args: argparse.Namespace) -> bool:
-    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if args.max_bad_steps < 0:
+        raise ConfigError(f"--max-bad-steps must be >= 0 (0: never stop), got {args.max_bad_steps}")
+    if not 0 <= args.bad_images_max_fraction <= 1:
+        raise ConfigError(f"--bad-images-max-fraction must be between 0 and 1, got {args.bad_images_max_fraction}")
+    parse_injections(args.inject_nonfinite)
+    check_finite_options(vars(args))
 
 
 # ------------------------------------------------------------------------------ setup
@@ -374,14 +492,15 @@ def remove_logging(handlers: Sequence[logging.Handler]) -> None:
 
 
 def amp_settings(args: argparse.Namespace, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
-    """(autocast dtype or None, whether a GradScaler is needed)."""
-    if not (args.amp or args.native_amp or args.amp_dtype):
-        return None, False
-    dtype = AMP_DTYPES[args.amp_dtype] if args.amp_dtype else (
-        torch.float16 if device.type == "cuda" else torch.bfloat16)
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ConfigError("--amp-dtype float16 needs CUDA; on the CPU --amp uses bfloat16")
-    return dtype, dtype == torch.float16
+    """(autocast dtype or None, whether a GradScaler is needed), by the rule of utils.precision."""
+    requested = args.amp_dtype or ("auto" if args.amp or args.native_amp else None)
+    try:
+        precision = resolve_precision(requested, device)
+    except ValueError as e:
+        raise ConfigError(f"--amp: {e}") from None
+    if precision.warning:
+        _logger.warning(f"warning: {precision.warning}")
+    return precision.dtype, precision.needs_scaler
 
 
 def build_datasets(args: argparse.Namespace, img_size: int, train_transform: bool = True):
@@ -405,40 +524,68 @@ def build_datasets(args: argparse.Namespace, img_size: int, train_transform: boo
                 img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
                 vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=aa,
                 interpolation=args.train_interpolation, mean=mean, std=std, re_prob=args.reprob,
-                re_mode=args.remode, re_count=args.recount)
+                re_mode=args.remode, re_count=args.recount, use_prefetcher=device_normalize(args) is not None)
+    train_tf = guard_posterize(train_tf)  # RandAugment's 0-bit posterize, on every Pillow
     if cifar:
         train = load_cifar(args.dataset, args.data, True, train_tf) if train_transform else None
         val = load_cifar(args.dataset, args.data, False, val_tf)
         return train, val, CIFAR_NUM_CLASSES[args.dataset]
     for split in (args.train_split, args.val_split) if train_transform else (args.val_split,):
-        split_dir(args.data, split)  # both folders exist, before the (slow) scan of either
-    train = build_split(args.data, args.train_split, train_tf) if train_transform else None
-    val = build_split(args.data, args.val_split, val_tf)
+        if tar_split(args.data, split) is None:
+            split_dir(args.data, split)  # both folders exist, before the (slow) scan of either
+    train = on_rank_zero(lambda: read_split(args.data, args.train_split, train_tf)) if train_transform else None
+    val = on_rank_zero(lambda: read_split(args.data, args.val_split, val_tf))
     return train, val, len(val.classes)
 
 
-def calibration_set(args: argparse.Namespace, img_size: int):
+def device_normalize(args: argparse.Namespace) -> Optional[DeviceNormalize]:
+    """With timm's ImageNet training transform the loaders send uint8 images (no normalisation,
+    no random erasing: both run on the device, see utils.images.DeviceNormalize); None for
+    the other training transforms, which send normalised float32."""
+    if args.no_aug or args.train_crop != "rrc":
+        return None
+    dmean, dstd = default_mean_std(args.dataset)
+    return DeviceNormalize(tuple(args.mean) if args.mean else dmean, tuple(args.std) if args.std else dstd,
+                           args.reprob, args.remode, args.recount)
+
+
+def read_split(root: str, split: str, transform: Any) -> Any:
+    """``root/split`` as an ImageFolder, or as tar shards (``split/*.tar`` or ``split.tar``)."""
+    shards = tar_split(root, split)
+    return TarImageFolder(shards, transform) if shards is not None else build_split(root, split, transform)
+
+
+def calibration_set(args: argparse.Namespace, img_size: int, scanned: Any = None):
     """A seeded random subset of the training images with training-style augmentation (as
-    the original threshold search), augmented reproducibly."""
+    the original threshold search), augmented reproducibly. ``scanned``: the training split
+    already listed (its file list is reused, not scanned again)."""
     dmean, dstd = default_mean_std(args.dataset)
     tf = calibration_transform(img_size, tuple(args.mean) if args.mean else dmean,
                                tuple(args.std) if args.std else dstd)
-    if args.dataset in CIFAR_NUM_CLASSES:
+    if scanned is not None:
+        base = copy.copy(scanned)
+        base.transform = tf
+    elif args.dataset in CIFAR_NUM_CLASSES:
         base = load_cifar(args.dataset, args.data, True, tf)
     else:
-        base = build_split(args.data, args.train_split, tf)
-    return SeededDataset(seeded_subset(base, args.calib_size, args.seed), args.seed, STREAM_CALIB_SAMPLES)
+        base = on_rank_zero(lambda: read_split(args.data, args.train_split, tf))
+    if args.bad_images == "skip":
+        base = SkipBadImages(base, substitute=True)
+    return calibration_subset(base, args.calib_size, args.calib_seed)
 
 
 def create_dvt(args: argparse.Namespace, num_classes: int, **overrides: Any) -> nn.Module:
-    """The model named by --model (any model registered in timm)."""
+    """The model named by --model: a DVT cascade, or a timm classifier as a one-exit cascade
+    (the reuse switches only exist in the cascades)."""
     kwargs = dict(num_classes=num_classes, img_size=args.img_size, drop_rate=args.drop,
-                  attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path,
-                  feature_reuse=args.feature_reuse, relation_reuse=args.relation_reuse)
-    kwargs.update(overrides)
-    if not (args.model.startswith("DVT") and timm.is_model(args.model)):
-        raise ConfigError(f"unknown model {args.model!r}; DVT models: {', '.join(timm.list_models('DVT*'))}")
-    return timm.create_model(args.model, **kwargs)
+                  attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path)
+    if not (args.feature_reuse and args.relation_reuse) or args.model in MODEL_CFGS:
+        kwargs.update(feature_reuse=args.feature_reuse, relation_reuse=args.relation_reuse)
+    kwargs.update(args.model_kwargs, **overrides)
+    try:
+        return create_cascade(args.model, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--model {args.model}: {e}") from None
 
 
 def load_start_weights(model: nn.Module, args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -465,16 +612,22 @@ def load_start_weights(model: nn.Module, args: argparse.Namespace, num_classes: 
 
 
 def run_folder(args: argparse.Namespace, env: DistEnv) -> Path:
-    """OUTPUT/train/EXPERIMENT, or the resumed checkpoint's folder; the same on every rank."""
+    """OUTPUT/train/EXPERIMENT, or the resumed checkpoint's folder, or under torchrun one named
+    after the run's settings (found again by restarts and re-launches), else a timestamped one;
+    the same on every rank. Under torchrun an existing run there is resumed (--auto-resume)."""
+    derived = derived_experiment(resolved_config(args), args.model, args.img_size)
     if args.experiment:
         folder = Path(args.output) / "train" / args.experiment
     elif args.resume:
         folder = Path(args.resume).resolve().parent
+    elif derived:
+        folder = Path(args.output) / "train" / derived
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = Path(args.output) / "train" / f"{stamp}-{args.model}-{args.img_size}"
     folder = Path(broadcast_object(str(folder)))
-    if args.auto_resume and not args.resume and (folder / LAST).is_file():
+    auto_resume = under_elastic_launcher() if args.auto_resume is None else args.auto_resume
+    if auto_resume and not args.resume and (folder / LAST).is_file():
         args.resume = str(folder / LAST)
     if not args.resume and (folder / LAST).is_file():
         raise ConfigError(f"{folder} already holds a run ({LAST}); resume it with --resume {folder / LAST} "
@@ -507,38 +660,41 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 # -------------------------------------------------------------------------------- run
 
-def model_for_checkpoint(args: argparse.Namespace, checkpoint: dict, weights: dict, device: torch.device) -> nn.Module:
-    """The checkpoint's own model when it names one (ours and our released files do), else
-    --model with heads sized from the weights; the weights loaded, on ``device``."""
-    if checkpoint.get("model_name"):
-        model = model_from_checkpoint(checkpoint)
-    else:
-        model = create_dvt(args, head_classes(weights) or 1000)
-    load_weights(model, weights)
-    return model.to(device)
+def model_for_checkpoint(args: argparse.Namespace, checkpoint: dict, source: str,
+                         device: torch.device) -> tuple[nn.Module, str]:
+    """The checkpoint's model (its own when it names one, else --model built from the
+    options) with the weights --release-weights picks, on ``device``; and which weights."""
+    model, which = build_from_checkpoint(
+        checkpoint, source, default_name=args.model, weights=args.release_weights,
+        defaults=dict(img_size=args.img_size, feature_reuse=args.feature_reuse, relation_reuse=args.relation_reuse))
+    return model.to(device), which
 
 
 def export_only(args: argparse.Namespace, env: DistEnv) -> None:
     """--export-released CKPT: the released file of any checkpoint."""
     path = Path(args.export_released)
     checkpoint = load_checkpoint_file(path)
-    weights, which = checkpoint_weights(checkpoint, args.release_weights, str(path))
     out = Path(args.released_path) if args.released_path else path.with_name(RELEASED)
     if out.resolve() == path.resolve():
         raise ConfigError(f"--export-released would overwrite {path}; pass --released-path")
-    model = model_for_checkpoint(args, checkpoint, weights, env.device)
+    check_writable_file(out, "--released-path")
+    model, which = model_for_checkpoint(args, checkpoint, str(path), env.device)
     _, val_set, _ = build_datasets(args, model.img_size, train_transform=False)
+    names = list(getattr(val_set, "classes", None) or [])
+    if names:
+        check_checkpoint_classes(checkpoint.get("class_names"), model.num_classes, names, str(path),
+                                 flag="a dataset with the checkpoint's classes")
+    names = checkpoint.get("class_names") or (names if len(names) == model.num_classes else None)
     export_released(model, val_set, calibration_set(args, model.img_size), env, out,
                     args.batch_size * args.validation_batch_size_multiplier, args.workers, _progress(args, env),
-                    extra={"source_checkpoint": str(path), "weights": which})
+                    extra={"source_checkpoint": str(path), "weights": which, "class_names": names})
     _logger.info(f"wrote {out}")
 
 
 def eval_only(args: argparse.Namespace, env: DistEnv) -> None:
     """--eval-checkpoint CKPT: per-exit loss and top-1 on the validation set."""
     checkpoint = load_checkpoint_file(args.eval_checkpoint)
-    weights, which = checkpoint_weights(checkpoint, args.release_weights, args.eval_checkpoint)
-    model = model_for_checkpoint(args, checkpoint, weights, env.device)
+    model, which = model_for_checkpoint(args, checkpoint, args.eval_checkpoint, env.device)
     _, val_set, _ = build_datasets(args, model.img_size, train_transform=False)
     amp_dtype, _ = amp_settings(args, env.device)
     loader = make_loader(val_set, ShardSampler(len(val_set), env.world_size, env.rank),
@@ -552,231 +708,385 @@ def _progress(args: argparse.Namespace, env: DistEnv) -> bool:
     return bool(shown and env.is_main)
 
 
-def train(args: argparse.Namespace, env: DistEnv, stop: StopSignal) -> None:
-    """The training run, logged to ``log.txt`` in the run folder as well."""
-    folder = run_folder(args, env)
-    file_log = None
+class PreChecked(NamedTuple):
+    """What the checks before a run found: the dataset's class names (None where only the
+    loaded dataset knows them) and the --resume checkpoint, already read."""
+    class_names: Optional[list[str]]
+    resume_checkpoint: Optional[dict]
+
+
+def estimated_checkpoint_bytes(args: argparse.Namespace, num_classes: int) -> int:
+    """Size of one training checkpoint of --model (weights, AdamW moments, EMA), from a model
+    built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = create_dvt(args, num_classes)
+    return checkpoint_bytes(model, copies=3 + int(args.model_ema))
+
+
+def check_before_run(args: argparse.Namespace, folder: Path) -> PreChecked:
+    """Everything that can be checked before the run writes anything or lists its images: the
+    class folders of train and val, the --resume checkpoint, the output folder and its space."""
+    class_names = None
+    tars = any(tar_split(args.data, split) is not None for split in (args.train_split, args.val_split))
+    if args.dataset not in CIFAR_NUM_CLASSES and not tars:  # tar shards: checked once listed
+        train_dir, val_dir = split_dir(args.data, args.train_split), split_dir(args.data, args.val_split)
+        class_names = list_classes(train_dir)
+        check_split_classes(class_names, list_classes(val_dir), args.data, args.train_split, args.val_split)
+    num_classes = args.num_classes or (len(class_names) if class_names else CIFAR_NUM_CLASSES.get(args.dataset, 1000))
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint_file(args.resume)
+        layout = None
+        if checkpoint.get("model_name") not in (None, args.model):  # maybe a renamed variant of the same model
+            with torch.device("meta"):
+                layout = state_layout(create_dvt(args, num_classes).state_dict())
+        check_resumable(checkpoint, args.resume, args.model, args.img_size, class_names, num_classes, layout)
+        if not is_training_checkpoint(checkpoint):
+            raise ConfigError(f"--resume {args.resume}: not a training checkpoint of main.py (last.pth.tar or "
+                              "best.pth.tar); to start from weights only use --initial-checkpoint or --finetune")
+        check_not_rewinding(args.resume, folder, checkpoint, LAST)
+        need = 2 * os.path.getsize(args.resume)
+    else:
+        need = 2 * estimated_checkpoint_bytes(args, num_classes)
+    resumed_in_place = args.resume and not args.experiment  # the run folder is the checkpoint's
+    check_output_folder(folder, need, label=f"the run folder {folder}" if resumed_in_place else f"--output {args.output}")
+    return PreChecked(class_names, checkpoint)
+
+
+def claim_run_folder(args: argparse.Namespace, env: DistEnv, folder: Path) -> tuple[Path, Optional[RunLock]]:
+    """Create the run folder (timestamped ones under a name no other run has) and lock it for
+    this run (rank 0); every rank gets the folder, or the same ConfigError."""
+    lock, message = None, None
     if env.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        file_log = add_file_log(folder / "log.txt")
+        try:
+            if args.experiment or args.resume or under_elastic_launcher():  # a name to find again
+                folder.mkdir(parents=True, exist_ok=True)
+            else:
+                folder = create_unique_folder(folder.parent, folder.name)
+            lock = RunLock(folder).acquire()
+            if not args.resume and (folder / LAST).is_file():  # written since the first look
+                lock.release()
+                message = (f"{folder} already holds a run ({LAST}); resume it with --resume {folder / LAST} or "
+                           "--auto-resume, or choose another --experiment")
+        except RunLockedError as e:
+            message = str(e)
+        except OSError as e:
+            message = f"cannot create the run folder {folder}: {e.strerror or e}; pass another --output"
+    name, message = broadcast_object((str(folder), message))
+    if message:
+        raise ConfigError(message)
+    return Path(name), lock
+
+
+def train(args: argparse.Namespace, env: DistEnv, stop: StopSignal) -> None:
+    """The training run, logged to ``log.txt`` in the run folder as well. Nothing is written
+    before the checks pass and the run holds its folder's lock."""
+    folder = run_folder(args, env)
+    checked = check_before_run(args, folder)
+    folder, lock = claim_run_folder(args, env, folder)
+    file_log = None
     try:
-        _train(args, env, stop, folder)
+        if env.is_main:
+            file_log = add_file_log(folder / "log.txt")
+        _train(args, env, stop, folder, checked)
     finally:
         if file_log is not None:
             remove_logging([file_log])
+        if lock is not None:
+            lock.release()
 
 
-def _train(args: argparse.Namespace, env: DistEnv, stop: StopSignal, folder: Path) -> None:
-    """Build, resume, train and evaluate every epoch, checkpoint, release."""
-    config = resolved_config(args)
-    if env.is_main:
-        with open(folder / CONFIG_FILE, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
+class TrainData(NamedTuple):
+    """The training and validation sets, their loaders, and the sampler that orders each epoch."""
+    train_set: SeededDataset
+    val_set: Any
+    num_classes: int
+    sampler: EpochSampler
+    train_loader: Any  # a DataLoader, counting unreadable images under --bad-images skip
+    val_loader: Any
+    train_base: Any = None  # the listed training split, reused for the calibration set
 
-    # Data.
+
+def training_data(args: argparse.Namespace, env: DistEnv) -> TrainData:
+    """The datasets (checked against --num-classes and the batch size) and this rank's loaders."""
     train_base, val_set, num_classes = build_datasets(args, args.img_size)
     if args.num_classes is not None:
         if args.num_classes < num_classes:
             raise ConfigError(f"--num-classes {args.num_classes} is smaller than the {num_classes} classes of the data")
         num_classes = args.num_classes
-    train_set = SeededDataset(train_base, args.seed, STREAM_TRAIN_SAMPLES)
+    skip = args.bad_images == "skip"
+    train_set = SeededDataset(SkipBadImages(train_base) if skip else train_base, args.seed, STREAM_TRAIN_SAMPLES)
     sampler = EpochSampler(len(train_set), env.world_size, env.rank, args.seed, repeats=args.repeated_aug)
-    steps_per_epoch = sampler.per_rank // args.batch_size
-    if steps_per_epoch < 1:
+    if sampler.per_rank // args.batch_size < 1:
         raise ConfigError(f"the training set ({len(train_set)} images) has less than one batch per process "
                           f"(--batch-size {args.batch_size} x {env.world_size} processes)")
     train_loader = make_loader(train_set, sampler, args.batch_size, args.workers, env, drop_last=True,
-                               pin_memory=args.pin_mem)
-    val_loader = make_loader(val_set, ShardSampler(len(val_set), env.world_size, env.rank),
+                               pin_memory=args.pin_mem, collate_fn=loader_collate(args.bad_images, fill=True))
+    val_loader = make_loader(SkipBadImages(val_set) if skip else val_set,
+                             ShardSampler(len(val_set), env.world_size, env.rank),
                              args.batch_size * args.validation_batch_size_multiplier, args.workers, env,
-                             pin_memory=args.pin_mem)
+                             pin_memory=args.pin_mem, collate_fn=loader_collate(args.bad_images, fill=False))
+    if skip:
+        train_loader = BadImageCounter(train_loader, env.rank, "training")
+        val_loader = BadImageCounter(val_loader, env.rank, "validation")
+    return TrainData(train_set, val_set, num_classes, sampler, train_loader, val_loader, train_base)
 
-    # Model: the same initial weights on every rank (so is the EMA).
+
+def initial_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """--model with its starting weights, the same on every rank (so is the EMA made from it)."""
     seed_all(args.seed)
     model = create_dvt(args, num_classes)
     if args.initial_checkpoint or args.finetune:
         model = load_start_weights(model, args, num_classes)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     num_exits = model.num_exits
     metric_names = {"loss", "top1", "top5", f"exit{num_exits}_top5"} | {
         f"exit{k}_{m}" for k in range(1, num_exits + 1) for m in ("top1", "loss")}
     if args.eval_metric not in metric_names:
         raise ConfigError(f"--eval-metric {args.eval_metric!r}: {args.model} has {num_exits} exits; "
                           f"choose one of {', '.join(sorted(metric_names))}")
-    model.to(env.device)
+    return model
 
-    amp_dtype, needs_scaler = amp_settings(args, env.device)
-    lr = args.lr
-    if args.lr_base is not None:
-        lr = args.lr_base * args.batch_size * env.world_size / args.lr_base_size
-    opt_kwargs: dict[str, Any] = {}
-    if args.opt_eps is not None:
-        opt_kwargs["eps"] = args.opt_eps
-    if args.opt_betas is not None:
-        opt_kwargs["betas"] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(param_groups(model, args.weight_decay, args.backbone_lr_scale), opt=args.opt,
-                                    lr=lr, weight_decay=args.weight_decay, momentum=args.momentum, **opt_kwargs)
-    loss_scaler = None
+
+def mixed_precision(args: argparse.Namespace, env: DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    needs_scaler: bool) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """Apex (--apex-amp) or a native gradient scaler (float16 autocast): (model, optimizer, scaler or None)."""
     if args.apex_amp:
         from apex import amp as apex_amp  # optional dependency, checked by check_args
 
         if env.device.type != "cuda":
             raise ConfigError("--apex-amp needs CUDA")
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level="O1")
-        loss_scaler = ApexScaler()
-    elif needs_scaler:
-        loss_scaler = NativeScaler(device=env.device.type)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
-    try:
-        lr_scheduler, num_epochs = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
-            min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
-            noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
-            cycle_mul=args.lr_cycle_mul, cycle_limit=args.lr_cycle_limit,
-            plateau_mode="min" if args.eval_metric.endswith("loss") else "max",
-            step_on_epochs=True, updates_per_epoch=steps_per_epoch)
-    except ValueError as e:
-        raise ConfigError(f"--sched {args.sched}: {e}") from None
+        return model, optimizer, ApexScaler()
+    return model, optimizer, NativeScaler(device=env.device.type) if needs_scaler else None
 
-    # Resume.
-    start_epoch, start_step, num_updates = 0, 0, 0
-    best_metric: Optional[float] = None
-    best_epoch: Optional[int] = None
-    meter_state = None
+
+def resume(args: argparse.Namespace, env: DistEnv, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+           model_ema: Any, loss_scaler: Any, lr_scheduler: Any, checkpoint: Optional[dict] = None) -> ResumePoint:
+    """Where the run starts: --resume's checkpoint (``checkpoint`` when already read) restored
+    (whole training state), else the beginning."""
+    point = ResumePoint()
     if args.resume:
-        checkpoint = load_checkpoint_file(args.resume)
+        if checkpoint is None:
+            checkpoint = load_checkpoint_file(args.resume)
         if not is_training_checkpoint(checkpoint):
             raise ConfigError(f"--resume {args.resume}: not a training checkpoint of main.py (last.pth.tar or "
                               "best.pth.tar); to start from weights only use --initial-checkpoint or --finetune")
-        load_weights(model, checkpoint["model"])
-        if model_ema is not None:
-            ema_weights, _ = checkpoint_weights(checkpoint, "ema" if checkpoint.get("model_ema") else "model")
-            model_ema.module.load_state_dict(ema_weights)
-        if not args.no_resume_opt:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if loss_scaler is not None and checkpoint.get("scaler") is not None:
-                loss_scaler.load_state_dict(checkpoint["scaler"])
-            if lr_scheduler is not None and checkpoint.get("scheduler") is not None:
-                lr_scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, start_step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        num_updates = int(checkpoint["num_updates"])
-        best_metric, best_epoch = checkpoint.get("best_metric"), checkpoint.get("best_epoch")
-        per_rank = checkpoint.get("per_rank") or []
-        if len(per_rank) == env.world_size:
-            restore_rng_state(per_rank[env.rank]["rng"])
-            meter_state = per_rank[env.rank].get("meter")
-        else:
-            _logger.warning(f"the checkpoint was written by {len(per_rank)} processes, this run has "
-                            f"{env.world_size}: the run continues, but not exactly as it would have")
+        point = restore_training_state(checkpoint, env, model, None if args.no_resume_opt else optimizer,
+                                       model_ema, loss_scaler, lr_scheduler)
         changed = [k for k in ("model", "batch_size", "seed", "img_size", "dataset", "mixup", "cutmix", "lr")
                    if checkpoint.get("config", {}).get(k, config[k]) != config[k]]
         if changed:
             _logger.warning(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
-        _logger.info(f"resumed {args.resume}: epoch {start_epoch}, step {start_step}, {num_updates} updates")
+        _logger.info(f"resumed {args.resume}: epoch {point.epoch}, step {point.step}, {point.num_updates} updates")
     if args.start_epoch is not None:
-        start_epoch, start_step = args.start_epoch, 0
+        point.epoch, point.step = args.start_epoch, 0
+    return point
+
+
+class Checkpoints:
+    """The run's training checkpoints (``last.pth.tar``, ``best.pth.tar``), built from its parts.
+
+    It holds the parts themselves, not the loaders or the training context, so that the
+    context's recovery callback makes no reference cycle that would keep loader workers alive.
+    """
+
+    def __init__(self, folder: Path, env: DistEnv, config: dict, model: nn.Module, ctx: TrainContext,
+                 point: ResumePoint, class_names: Optional[list[str]] = None) -> None:
+        self.folder, self.env, self.config, self.model, self.point = folder, env, config, model, point
+        self.parts = (ctx.optimizer, ctx.model_ema, ctx.loss_scaler, ctx.lr_scheduler)
+        self.class_names = class_names
+
+    def save(self, epoch: int, step: int, updates: int, meter: Optional[ExitMeter] = None,
+             metrics: Optional[dict] = None, best: bool = False) -> None:
+        """Every rank calls this; rank 0 writes ``last.pth.tar`` (and ``best.pth.tar``)."""
+        optimizer, model_ema, loss_scaler, lr_scheduler = self.parts
+        point = self.point
+
+        def build(per_rank: list[dict]) -> dict:
+            checkpoint = training_checkpoint(self.model, optimizer, epoch, step, updates, self.config, per_rank,
+                                             model_ema, loss_scaler, lr_scheduler, point.best_metric, point.best_epoch,
+                                             metrics)
+            if self.class_names is not None:
+                checkpoint["class_names"] = list(self.class_names)
+            return checkpoint
+
+        save_training_state(self.folder / LAST, build, self.env, meter, also=[self.folder / BEST] if best else [])
+
+    def save_recovery(self, step: int, updates: int, meter: ExitMeter) -> None:
+        """Within the epoch under way (``point.epoch``)."""
+        self.save(self.point.epoch, step, updates, meter)
+
+
+class Run:
+    """A training run in progress: its parts, where it is, and what each epoch does."""
+
+    def __init__(self, args: argparse.Namespace, env: DistEnv, folder: Path, config: dict, data: TrainData,
+                 model: nn.Module, ctx: TrainContext, point: ResumePoint,
+                 class_names: Optional[list[str]] = None) -> None:
+        self.args, self.env, self.folder, self.config, self.data = args, env, folder, config, data
+        self.model, self.plain, self.ctx, self.point = model, unwrap_ddp(model), ctx, point
+        self.num_exits = self.plain.num_exits
+        self.summary = CsvSummary(folder / "summary.csv")
+        self.evaluate_ema = ctx.model_ema is not None and not args.model_ema_force_cpu
+        self.class_names = class_names
+        self.checkpoints = Checkpoints(folder, env, config, model, ctx, point, class_names)
+        ctx.save_recovery = self.checkpoints.save_recovery
+
+    def train_epoch(self, epoch: int, stop: StopSignal) -> None:
+        """Train one epoch (from the resumed step), or save and raise TrainingInterrupted on a signal."""
+        args, ctx, point = self.args, self.ctx, self.point
+        point.epoch = epoch
+        started = time.time()
+        if ctx.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            ctx.mixup_fn.mixup_enabled = False
+        if ctx.lr_scheduler is not None and args.sched != "plateau":
+            ctx.lr_scheduler.step(epoch)  # a pure function of the epoch: also right after a resume
+        self.data.sampler.set_epoch(epoch, point.step * args.batch_size)
+        meter = None
+        if point.step and point.meter_state is not None:
+            meter = ExitMeter(self.num_exits, self.env.device)
+            meter.load_state_dict(point.meter_state)
+        result = train_one_epoch(self.model, self.data.train_loader, ctx, epoch, point.num_updates, point.step, meter)
+        point.num_updates = result.num_updates
+        if result.interrupted:
+            self.checkpoints.save(epoch, result.steps_done, point.num_updates, result.meter)
+            raise TrainingInterrupted(stop.signum, self.folder / LAST)
+        point.step, point.meter_state = 0, None
+        self.finish_epoch(epoch, result, started)
+
+    def finish_epoch(self, epoch: int, result: EpochResult, started: float) -> None:
+        """Evaluate (the model, and the EMA), keep the best, write summary.csv and the checkpoints."""
+        args, ctx, point, env = self.args, self.ctx, self.point, self.env
+        eval_metrics = evaluate(self.plain, self.data.val_loader, env, ctx.amp_dtype, ctx.progress)
+        _logger.info(f"val {epoch}: {format_metrics(eval_metrics, self.num_exits)}")
+        score_metrics = eval_metrics
+        row = {"epoch": epoch, "lr": result.metrics["lr"], **_prefixed("train_", result.metrics),
+               "train_img_per_s": result.images_per_second, "train_skipped_steps": result.skipped_steps,
+               "train_bad_images": result.bad_images, **_prefixed("eval_", eval_metrics)}
+        if self.evaluate_ema:
+            ema_metrics = evaluate(ctx.model_ema.module, self.data.val_loader, env, ctx.amp_dtype, ctx.progress,
+                                   "val (EMA)")
+            _logger.info(f"val {epoch} (EMA): {format_metrics(ema_metrics, self.num_exits)}")
+            row.update(_prefixed("ema_eval_", ema_metrics))
+            score_metrics = ema_metrics
+        score = score_metrics[args.eval_metric]
+        if ctx.lr_scheduler is not None:
+            ctx.lr_scheduler.step(epoch + 1, score)
+        decreasing = args.eval_metric.endswith("loss")
+        is_best = point.best_metric is None or (score < point.best_metric if decreasing else score > point.best_metric)
+        if is_best:
+            point.best_metric, point.best_epoch = score, epoch
+        row["epoch_time_s"] = time.time() - started
+        self.checkpoints.save(epoch + 1, 0, point.num_updates, metrics=score_metrics, best=is_best)
+        if env.is_main:  # after the checkpoint it describes: a failed save leaves no row to repeat on resume
+            self.summary.write(row)
+        _logger.info(f"epoch {epoch}: {args.eval_metric} {score:.4f} (best {point.best_metric:.4f} at epoch "
+                     f"{point.best_epoch}), {result.images_per_second:.1f} img/s training, saved {self.folder / LAST}")
+
+    def release(self) -> None:
+        """released.pth.tar from the best checkpoint's weights (EMA or model, --release-weights)."""
+        args, folder, point = self.args, self.folder, self.point
+        if point.best_epoch is not None:
+            _logger.info(f"best {args.eval_metric}: {point.best_metric:.4f} (epoch {point.best_epoch})")
+        if not (args.release and (folder / BEST).is_file()):
+            return
+        which = args.release_weights
+        if which == "auto":
+            which = "ema" if self.evaluate_ema else "model"
+        weights, _ = checkpoint_weights(load_checkpoint_file(folder / BEST), which, str(folder / BEST))
+        load_weights(self.plain, weights)
+        val_set = self.data.val_set
+        if args.bad_images == "skip":
+            val_set = SkipBadImages(val_set, substitute=True)
+        export_released(self.plain, val_set, calibration_set(args, args.img_size, self.data.train_base), self.env,
+                        folder / RELEASED, args.batch_size * args.validation_batch_size_multiplier, args.workers,
+                        self.ctx.progress, extra={"weights": which, "best_epoch": point.best_epoch,
+                                                  "config": self.config, "class_names": self.class_names})
+        _logger.info(f"wrote {folder / RELEASED} ({which} weights of epoch {point.best_epoch})")
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def checked_training_data(args: argparse.Namespace, env: DistEnv, stop: StopSignal,
+                          checked: PreChecked) -> tuple[TrainData, Optional[list[str]]]:
+    """:func:`training_data`, stopped at once by SIGTERM/SIGINT (nothing to save yet), with the
+    validation images checked for decompression bombs; and the class names to store."""
+    with signals_raise(stop.signum):
+        data = training_data(args, env)
+        val_files = [path for path, _ in getattr(data.val_set, "samples", [])]
+        if getattr(args, "bad_images", "error") == "error":
+            check_image_sizes(val_files)
+    train_classes = getattr(getattr(data.train_set, "dataset", None), "classes", None)
+    if checked.class_names is None and train_classes is not None and hasattr(data.val_set, "classes"):
+        # tar shards and CIFAR: their classes are known once read
+        check_split_classes(list(train_classes), list(data.val_set.classes), args.data, args.train_split,
+                            args.val_split)
+    names = checked.class_names or list(getattr(data.val_set, "classes", None) or []) or None
+    if names is not None and len(names) != data.num_classes:
+        names = None  # --num-classes gave more heads than the dataset has classes: no name for each
+    warning = few_classes_warning(len(names) if names else data.num_classes)
+    if warning:
+        _logger.warning(warning)
+    return data, names
+
+
+def _train(args: argparse.Namespace, env: DistEnv, stop: StopSignal, folder: Path, checked: PreChecked) -> None:
+    """The outline of a run: setup, data, model, optimizer, resume, the epochs, the release."""
+    config = resolved_config(args)
+    if env.is_main:
+        with open(folder / CONFIG_FILE, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+
+    data, class_names = checked_training_data(args, env, stop, checked)
+    model = initial_model(args, data.num_classes).to(env.device)
+
+    amp_dtype, needs_scaler = amp_settings(args, env.device)
+    lr = scaled_lr(args, env.world_size)
+    optimizer = build_optimizer(args, model, lr)
+    model, optimizer, loss_scaler = mixed_precision(args, env, model, optimizer, needs_scaler)
+    model_ema = build_ema(args, model)
+    if args.compile:  # after the EMA copy, which stays eager; in place, so parameter names do not change
+        model.compile(dynamic=True)
+    lr_scheduler, num_epochs = build_scheduler(args, optimizer, data.sampler.per_rank // args.batch_size)
+    point = resume(args, env, config, model, optimizer, model_ema, loss_scaler, lr_scheduler,
+                   checked.resume_checkpoint)
 
     if env.distributed:
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    plain = model.module if env.distributed else model
-
-    mixup_fn = None
-    if _mixup_active(args):
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
-        loss_fn: nn.Module = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
-
-    n_params = sum(p.numel() for p in plain.parameters())
-    _logger.info(
-        f"{args.model}: {n_params / 1e6:.2f}M parameters, {num_exits} exits, {num_classes} classes, "
-        f"{args.img_size}px | {env.world_size} process(es) on {env.device.type}"
-        f"{' (' + env.backend + ')' if env.backend else ''} | batch {args.batch_size} x {env.world_size}, "
-        f"lr {lr:.3g}, {args.opt}, epochs {num_epochs} | precision "
-        f"{'apex O1' if args.apex_amp else amp_dtype or 'float32'} | EMA {'on' if model_ema else 'off'} | "
-        f"{len(train_set)} training / {len(val_set)} validation images | run folder {folder}")
-
-    def build(epoch: int, step: int, updates: int, metrics: Optional[dict] = None):
-        return lambda per_rank: training_checkpoint(
-            model, optimizer, epoch, step, updates, config, per_rank, model_ema, loss_scaler, lr_scheduler,
-            best_metric, best_epoch, metrics)
-
-    def save_recovery(step: int, updates: int, meter: ExitMeter) -> None:
-        save_training_state(folder / LAST, build(epoch, step, updates), env, meter)
-
+    mixup_fn, loss_fn = build_mixup_and_loss(args, data.num_classes)
     ctx = TrainContext(
         optimizer=optimizer, loss_fn=loss_fn, env=env, seed=args.seed, amp_dtype=amp_dtype,
         loss_scaler=loss_scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode, model_ema=model_ema,
         ema_warmup=args.model_ema_warmup, mixup_fn=mixup_fn, lr_scheduler=lr_scheduler,
         log_interval=args.log_interval, progress=_progress(args, env), stop=stop,
-        recovery_interval=args.recovery_interval, save_recovery=save_recovery)
-    summary = CsvSummary(folder / "summary.csv")
-    evaluate_ema = model_ema is not None and not args.model_ema_force_cpu
-    decreasing = args.eval_metric.endswith("loss")
+        recovery_interval=args.recovery_interval, bad_image_fraction=args.bad_images_max_fraction,
+        normalize=device_normalize(args),
+        guard=StepGuard(env, args.max_bad_steps, parse_injections(args.inject_nonfinite)))
+    n_params = sum(p.numel() for p in unwrap_ddp(model).parameters())
+    _logger.info(
+        f"{args.model}: {n_params / 1e6:.2f}M parameters, {unwrap_ddp(model).num_exits} exits, "
+        f"{data.num_classes} classes, {args.img_size}px | {env.world_size} process(es) on {env.device.type}"
+        f"{' (' + env.backend + ')' if env.backend else ''} | batch {args.batch_size} x {env.world_size}, "
+        f"lr {lr:.3g}, {args.opt}, epochs {num_epochs} | precision "
+        f"{'apex O1' if args.apex_amp else amp_dtype or 'float32'} | EMA {'on' if model_ema else 'off'} | "
+        f"{len(data.train_set)} training / {len(data.val_set)} validation images | run folder {folder}")
 
-    for epoch in range(start_epoch, num_epochs):
-        started = time.time()
-        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        if lr_scheduler is not None and args.sched != "plateau":
-            lr_scheduler.step(epoch)  # a pure function of the epoch: also right after a resume
-        sampler.set_epoch(epoch, start_step * args.batch_size)
-        meter = None
-        if start_step and meter_state is not None:
-            meter = ExitMeter(num_exits, env.device)
-            meter.load_state_dict(meter_state)
-        result = train_one_epoch(model, train_loader, ctx, epoch, num_updates, start_step, meter)
-        num_updates = result.num_updates
-        if result.interrupted:
-            save_training_state(folder / LAST, build(epoch, result.steps_done, num_updates), env, result.meter)
-            raise TrainingInterrupted(stop.signum, folder / LAST)
-        start_step, meter_state = 0, None
-
-        eval_metrics = evaluate(plain, val_loader, env, amp_dtype, ctx.progress)
-        _logger.info(f"val {epoch}: {format_metrics(eval_metrics, num_exits)}")
-        score_metrics = eval_metrics
-        row = {"epoch": epoch, "lr": result.metrics["lr"], **_prefixed("train_", result.metrics),
-               "train_img_per_s": result.images_per_second, **_prefixed("eval_", eval_metrics)}
-        if evaluate_ema:
-            ema_metrics = evaluate(model_ema.module, val_loader, env, amp_dtype, ctx.progress, "val (EMA)")
-            _logger.info(f"val {epoch} (EMA): {format_metrics(ema_metrics, num_exits)}")
-            row.update(_prefixed("ema_eval_", ema_metrics))
-            score_metrics = ema_metrics
-        score = score_metrics[args.eval_metric]
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, score)
-        is_best = best_metric is None or (score < best_metric if decreasing else score > best_metric)
-        if is_best:
-            best_metric, best_epoch = score, epoch
-        row["epoch_time_s"] = time.time() - started
-        if env.is_main:
-            summary.write(row)
-        save_training_state(folder / LAST, build(epoch + 1, 0, num_updates, score_metrics), env,
-                            also=[folder / BEST] if is_best else [])
-        _logger.info(f"epoch {epoch}: {args.eval_metric} {score:.4f} (best {best_metric:.4f} at epoch {best_epoch}), "
-                     f"{result.images_per_second:.1f} img/s training, saved {folder / LAST}")
+    run = Run(args, env, folder, config, data, model, ctx, point, class_names)
+    for epoch in range(point.epoch, num_epochs):
+        run.train_epoch(epoch, stop)
         if agreed_flags(env, stop.requested)[0]:
             raise TrainingInterrupted(stop.signum or 15, folder / LAST)
-
-    if best_epoch is not None:
-        _logger.info(f"best {args.eval_metric}: {best_metric:.4f} (epoch {best_epoch})")
-    if args.release and (folder / BEST).is_file():
-        which = args.release_weights
-        if which == "auto":
-            which = "ema" if evaluate_ema else "model"
-        weights, _ = checkpoint_weights(load_checkpoint_file(folder / BEST), which, str(folder / BEST))
-        load_weights(plain, weights)
-        export_released(plain, val_set, calibration_set(args, args.img_size), env, folder / RELEASED,
-                        args.batch_size * args.validation_batch_size_multiplier, args.workers, ctx.progress,
-                        extra={"weights": which, "best_epoch": best_epoch, "config": config})
-        _logger.info(f"wrote {folder / RELEASED} ({which} weights of epoch {best_epoch})")
+    try:
+        with signals_raise(stop.signum):  # no step to stop at: a signal ends the export at once
+            run.release()
+    except Interrupted as e:
+        raise Interrupted(e.signum, f" during the export of {folder / RELEASED}: the export stopped, the training "
+                          f"is complete ({folder / BEST}); write the released file with: python main.py {args.data} "
+                          f"--export-released {folder / BEST}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -784,6 +1094,7 @@ def _one_line(error: BaseException) -> str:
     text = str(error).strip()
     if "Traceback (most recent call last)" in text:
         text = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = re.sub(r"^[\w.]*(Error|Exception): ", "", text)  # the worker's exception type
     return text.splitlines()[0] if text else type(error).__name__
 
 
@@ -804,26 +1115,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     handlers = setup_logging(rank == 0)
     env = None
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        if args.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-        else:
-            torch.backends.cudnn.benchmark = True
-        env = setup_distributed(args.device, args.dist_backend, args.local_rank)
-        if args.export_released:
-            export_only(args, env)
-        elif args.eval_checkpoint:
-            eval_only(args, env)
-        else:
-            with StopSignal(escalate=not env.distributed) as stop:
-                train(args, env, stop)
+        with deterministic_mode(args.deterministic):
+            env = setup_distributed(args.device, args.dist_backend, args.local_rank)
+            if args.export_released:
+                export_only(args, env)
+            elif args.eval_checkpoint:
+                eval_only(args, env)
+            else:
+                with StopSignal(escalate=not env.distributed) as stop:
+                    train(args, env, stop)
         return 0
     except TrainingInterrupted as e:
         _logger.warning(f"{e}; resume with: --resume {e.path}")
+        return 128 + e.signum
+    except Interrupted as e:  # before the training started (nothing to save) or during the export
+        _logger.warning(f"{e}")
         return 128 + e.signum
     except (ConfigError, CheckpointError, DataError, NonFiniteLossError) as e:
         shared = isinstance(e, (ConfigError, NonFiniteLossError))  # every rank raises the same one
@@ -832,13 +1139,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             extra = " The last good checkpoint is left as it was." if isinstance(e, NonFiniteLossError) else ""
             print(f"error: {prefix}{_one_line(e)}{extra}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except RuntimeError as e:
+        if not (args.deterministic and "deterministic" in str(e)):
+            raise
+        print(f"error: --deterministic: {_one_line(e)}", file=sys.stderr)  # an operation with no deterministic kernel
+        return 1
+    except OSError as e:  # a log, summary or config write (disk full, read-only, quota)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; checkpoints already written are left as they were: fix this, then "
+              "run again (--resume the run folder's last.pth.tar)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        close_loaders()  # before the interpreter's exit, which would wait for the workers for ever
         cleanup_distributed()
         remove_logging(handlers)
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 if __name__ == "__main__":

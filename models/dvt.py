@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 from .layers import Block, GridResample, TokenPerformer, sinusoid_table
 
-__all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "unfold_grid"]
+__all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "ExitStep", "run_early_exit",
+           "unfold_grid"]
 
 
 def unfold_grid(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -117,6 +119,7 @@ class DVTStage(nn.Module):
             )
         self.resample = GridResample(prev_grid, grid) if prev_grid is not None else None
         self.relation_chunk: Optional[int] = None  # samples per relation-reuse step; None: by device
+        self.grad_checkpointing = False
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
@@ -138,8 +141,9 @@ class DVTStage(nn.Module):
         ``relation_reuse_conv`` (1x1 convolutions, as matrix products) runs on the previous
         grid, then the maps are resampled to this grid. In CPU inference the samples are
         processed one at a time: their maps stay in cache, and the (B, 3 * depth * heads, n, n)
-        hidden tensor is never built. In training and on accelerators the whole batch goes at
-        once (``relation_chunk`` overrides both).
+        hidden tensor is never built. In training, on accelerators and under ``torch.compile``
+        (one graph for every batch size) the whole batch goes at once; ``relation_chunk``
+        overrides the eager choice.
         """
         r = torch.cat(tuple(relations), dim=1)  # (B, depth * heads, n, n)
         B, C, n, _ = r.shape
@@ -147,27 +151,44 @@ class DVTStage(nn.Module):
             raise ValueError(
                 f"relation reuse needs depth*heads = {self.depth * self.num_heads} maps from the "
                 f"previous stage, got {C}")
-        conv1, conv2 = self.relation_reuse_conv[0], self.relation_reuse_conv[2]
-        w1, w2 = conv1.weight.flatten(1), conv2.weight.flatten(1)  # (3C, C), (C, 3C)
         if self.relation_chunk is not None:
             chunk = self.relation_chunk
         else:  # one sample at a time only for CPU inference: in training, slicing costs copies in backward
             chunk = 1 if r.device.type == "cpu" and not (torch.is_grad_enabled() and r.requires_grad) else B
-        chunk = min(chunk, B)
-        pieces = []
-        for start in range(0, B, chunk):
-            x = r[start:start + chunk].flatten(2)  # (b, C, n * n)
-            h = self.relation_reuse_conv[1](torch.baddbmm(conv1.bias[:, None], w1.expand(x.shape[0], -1, -1), x))
-            h = torch.baddbmm(conv2.bias[:, None], w2.expand(x.shape[0], -1, -1), h)  # (b, C, n * n)
-            pieces.append(self.resample(h.view(-1, C, n, n), relations=True))  # (b, C, N + 1, N + 1)
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if torch.compiler.is_compiling() or chunk >= B:  # compiled: one graph for every batch size, no loop
+            out = self._relation_step(r)
+        else:
+            out = torch.cat([self._relation_step(r[start:start + chunk]) for start in range(0, B, chunk)])
         return out.chunk(self.depth, dim=1)
+
+    def _relation_step(self, r: torch.Tensor) -> torch.Tensor:
+        """Relation maps (b, C, n, n) of the previous grid -> biases (b, C, N + 1, N + 1)."""
+        b, C, n, _ = r.shape
+        conv1, conv2 = self.relation_reuse_conv[0], self.relation_reuse_conv[2]
+        w1, w2 = conv1.weight.flatten(1), conv2.weight.flatten(1)  # (3C, C), (C, 3C)
+        x = r.flatten(2)  # (b, C, n * n)
+        h = self.relation_reuse_conv[1](torch.baddbmm(conv1.bias[:, None], w1.expand(b, -1, -1), x))
+        h = torch.baddbmm(conv2.bias[:, None], w2.expand(b, -1, -1), h)  # (b, C, n * n)
+        return self.resample(h.view(b, C, n, n), relations=True)
 
     def _reused_features(self, block: Block, tokens: torch.Tensor) -> torch.Tensor:
         """Previous stage's tokens (B, n + 1, C) -> this block's extra MLP input (B, N + 1, reuse_dim)."""
         f = block.feature_reuse_mlp(tokens)[:, 1:]  # (B, n, reuse_dim)
         f = self.resample(f)  # (B, N, reuse_dim)
         return F.pad(f, (0, 0, 1, 0))  # zeros at the class token
+
+    def _run(self, fn: Callable, *args):
+        """``fn(*args)``; with gradient checkpointing its activations are recomputed in the
+        backward pass instead of being stored (the random layers replay the same draws)."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _block(self, block: Block, x: torch.Tensor, prev: Optional[StageOutput], bias: Optional[torch.Tensor],
+               export_relations: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One block, with the features it reuses from the previous stage."""
+        reused = self._reused_features(block, prev.tokens) if self.feature_reuse else None
+        return block(x, reused=reused, bias=bias, return_logits=export_relations)
 
     def forward(
             self,
@@ -180,14 +201,13 @@ class DVTStage(nn.Module):
             prev: the previous stage's output; read when this stage reuses features or relations.
             export_relations: keep every block's attention logits for the next stage.
         """
-        tokens = self.embed(x)
+        tokens = self._run(self.embed, x.to(self.cls_token.dtype))  # a bf16/fp16 model takes float32 images
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, tokens), dim=1) + self.pos_embed)  # (B, N + 1, C)
-        biases = self._relation_biases(prev.relations) if self.relation_reuse else (None,) * self.depth
+        biases = self._run(self._relation_biases, prev.relations) if self.relation_reuse else (None,) * self.depth
         relations = []
         for block, bias in zip(self.blocks, biases):
-            reused = self._reused_features(block, prev.tokens) if self.feature_reuse else None
-            x, logits = block(x, reused=reused, bias=bias, return_logits=export_relations)
+            x, logits = self._run(self._block, block, x, prev, bias, export_relations)
             relations.append(logits)
         out = self.head(self.norm(x)[:, 0])
         return StageOutput(out, x, tuple(relations) if export_relations else None)
@@ -365,6 +385,51 @@ class DVT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"stages.{k}.{n}" for k in range(self.num_exits) for n in ("cls_token", "pos_embed")}
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block, token embedding and relation-reuse path in the backward pass
+        instead of keeping their activations (timm convention). Outputs and gradients are unchanged; training memory drops, at the
+        cost of running the blocks' forward twice."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth for layer-wise learning-rate decay (timm convention).
+
+        A cascade is several transformers side by side, each with its own exit, so depth is
+        counted within a stage: group 0 holds every stage's input side (patch or T2T
+        embedding, class token, positions, the relation-reuse convolutions that feed the
+        stage), group i + 1 holds block i of every stage (with the feature-reuse MLP it
+        owns; the final norm joins the last block), and the heads come last. With
+        ``layer_decay`` d and depth L, each exit's transformer gets the scales a plain ViT of
+        depth L gets: d^(L+1) for the embeddings up to d for the last block and 1 for the
+        heads. Stacking the stages end to end instead would give stage 0 d^(3L+1), which
+        freezes the first exit. With ``coarse`` the final norms go with the heads.
+        """
+        return dict(
+            stem=r"^stages\.\d+\.(?:cls_token|pos_embed|patch_embed|tokens_to_token|relation_reuse_conv)",
+            blocks=r"^stages\.\d+\.blocks\.(\d+)" if coarse else [
+                (r"^stages\.\d+\.blocks\.(\d+)", None),
+                (r"^stages\.\d+\.norm", (99999,)),
+            ],
+        )
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Images (B, 3, H, W) -> every stage's final normed tokens, a tuple of (B, N_k + 1, C)
+        with the class token first (N_k = grid_k ** 2). Stages run in order, each reusing the
+        previous one as in :meth:`forward`."""
+        return tuple(stage.norm(out.tokens) for stage, out in zip(self.stages, self.iter_stages(x)))
+
+    def forward_head(self, features: Sequence[torch.Tensor], pre_logits: bool = False) -> tuple[torch.Tensor, ...]:
+        """Per-stage features from :meth:`forward_features` -> per-exit logits (B, num_classes),
+        or with ``pre_logits`` the class-token features (B, C) the heads read.
+        ``forward(x) == forward_head(forward_features(x))``."""
+        if len(features) != self.num_exits:
+            raise ValueError(f"expected features of {self.num_exits} stages, got {len(features)}")
+        pooled = tuple(f[:, 0] for f in features)  # (B, C) class tokens
+        return pooled if pre_logits else tuple(stage.head(p) for stage, p in zip(self.stages, pooled))
+
     def get_classifier(self) -> nn.ModuleList:
         return nn.ModuleList(s.head for s in self.stages)
 
@@ -373,7 +438,6 @@ class DVT(nn.Module):
         self.num_classes = num_classes
         for stage in self.stages:
             stage.reset_classifier(num_classes)
-        self.pretrained_cfg["num_classes"] = num_classes
 
     def iter_stages(self, x: torch.Tensor, num_exits: Optional[int] = None) -> Iterator[StageOutput]:
         """Run the first ``num_exits`` stages (all by default), yielding each stage's output."""
@@ -390,8 +454,20 @@ class DVT(nn.Module):
         """Images (B, 3, H, W) -> per-exit logits, a tuple of (B, num_classes)."""
         return tuple(out.logits for out in self.iter_stages(x))
 
+    def exit_steps(self) -> list["ExitStep"]:
+        """Every stage as a function of tensors alone, :class:`ExitStep`: what
+        :meth:`forward_early_exit` runs, and what ``torch.compile`` and ``torch.export`` take
+        one stage at a time (the selection of the samples that go on stays outside)."""
+        return [ExitStep(stage, export_relations=self._exports_relations(k), last=k + 1 == self.num_exits)
+                for k, stage in enumerate(self.stages)]
+
     @torch.no_grad()
-    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor) -> EarlyExitOutput:
+    def forward_early_exit(
+            self,
+            x: torch.Tensor,
+            thresholds: Sequence[float] | torch.Tensor,
+            steps: Optional[Sequence[Callable[..., tuple[torch.Tensor, ...]]]] = None,
+    ) -> EarlyExitOutput:
         """Adaptive inference: every stage runs only on the samples still in the cascade.
 
         A sample leaves at the first exit whose max softmax probability is >= that exit's
@@ -401,35 +477,85 @@ class DVT(nn.Module):
         Args:
             x: images (B, 3, H, W).
             thresholds: one confidence threshold per exit.
+            steps: one callable per stage with the contract of :class:`ExitStep` (default:
+                :meth:`exit_steps`); compiled or exported stages go here.
         """
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).tolist()
-        if len(thresholds) != self.num_exits:
-            raise ValueError(f"expected {self.num_exits} thresholds, got {len(thresholds)}")
-        B = x.shape[0]
-        logits = exit_index = confidence = None
-        active = torch.arange(B, device=x.device)  # original indices of the samples still running
-        prev = None
-        for k, stage in enumerate(self.stages):
-            prev = stage(x, prev, export_relations=self._exports_relations(k))
-            out = prev.logits
-            if logits is None:
-                logits = out.new_empty(B, out.shape[1])
-                exit_index = torch.empty(B, dtype=torch.long, device=x.device)
-                confidence = torch.empty(B, dtype=torch.float32, device=x.device)
-            conf = out.float().softmax(dim=-1).amax(dim=-1)
-            leave = conf >= thresholds[k] if k + 1 < self.num_exits else torch.ones_like(conf, dtype=torch.bool)
-            idx = active[leave]
-            logits[idx] = out[leave]
-            exit_index[idx] = k
-            confidence[idx] = conf[leave]
-            stay = ~leave
-            if not bool(stay.any()):
-                break
-            if not bool(leave.any()):
-                continue
-            active, x = active[stay], x[stay]
-            prev = prev.select(stay)
-        return EarlyExitOutput(logits, exit_index, confidence)
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device)
+        if thresholds.shape != (self.num_exits,):
+            raise ValueError(f"expected {self.num_exits} thresholds, got shape {tuple(thresholds.shape)}")
+        steps = self.exit_steps() if steps is None else steps
+        if len(steps) != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} stage steps, got {len(steps)}")
+        return run_early_exit(steps, x, thresholds)
+
+
+class ExitStep(nn.Module):
+    """One stage of the cascade as a function of tensors only, for early exit:
+    ``(images, *carry) -> (logits, confidence, *carry_out)``.
+
+    ``carry`` is what the previous stage hands on (empty for the first stage): its final
+    tokens (B, n + 1, C), then, when this stage reuses relations, its per-block attention
+    logits (B, heads, n + 1, n + 1) each. ``confidence`` is the max softmax probability
+    (B,) in float32. The last stage returns no carry. Everything here is batch-size
+    agnostic and free of data-dependent control flow, so a stage compiles to one graph with
+    a dynamic batch and exports with ``torch.export``.
+
+    Args:
+        stage: the stage; shared, not copied.
+        export_relations: hand this stage's attention logits on (the next stage reuses them).
+        last: the last exit (nothing to hand on).
+    """
+
+    def __init__(self, stage: DVTStage, export_relations: bool, last: bool) -> None:
+        super().__init__()
+        self.stage = stage
+        self.export_relations = export_relations
+        self.last = last
+
+    def forward(self, x: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prev = StageOutput(carry[0], carry[0], tuple(carry[1:]) or None) if carry else None
+        out = self.stage(x, prev, export_relations=self.export_relations and not self.last)
+        confidence = out.logits.float().softmax(dim=-1).amax(dim=-1)  # (B,)
+        if self.last:
+            return out.logits, confidence
+        return (out.logits, confidence, out.tokens) + (out.relations or ())
+
+
+def run_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], x: torch.Tensor,
+                   thresholds: torch.Tensor) -> EarlyExitOutput:
+    """Run stage steps (:class:`ExitStep` contract: eager, compiled or exported) with real
+    early exit: after each stage, the samples whose confidence reaches that exit's threshold
+    leave; the images and carried tensors of the others are gathered for the next stage.
+
+    Args:
+        steps: one callable per exit.
+        x: images (B, 3, H, W).
+        thresholds: (num_exits,) float32 tensor; the last entry is ignored.
+    """
+    B = x.shape[0]
+    active = torch.arange(B, device=x.device)  # original indices of the samples still running
+    carry: tuple[torch.Tensor, ...] = ()
+    logits = exit_index = confidence = None
+    for k, step in enumerate(steps):
+        out, conf, *rest = step(x, *carry)
+        if logits is None:
+            logits = out.new_empty(B, out.shape[1])
+            exit_index = torch.empty(B, dtype=torch.long, device=x.device)
+            confidence = torch.empty(B, dtype=torch.float32, device=x.device)
+        leave_mask = conf >= thresholds[k] if k + 1 < len(steps) else torch.ones_like(conf, dtype=torch.bool)
+        leave = leave_mask.nonzero().squeeze(1)  # positions in the current batch
+        idx = active.index_select(0, leave)
+        logits.index_copy_(0, idx, out.index_select(0, leave).to(logits.dtype))
+        exit_index.index_fill_(0, idx, k)
+        confidence.index_copy_(0, idx, conf.index_select(0, leave))
+        if leave.numel() == active.numel():
+            break
+        if leave.numel():
+            stay = (~leave_mask).nonzero().squeeze(1)
+            active, x = active.index_select(0, stay), x.index_select(0, stay)
+            rest = [t.index_select(0, stay) for t in rest]
+        carry = tuple(rest)
+    return EarlyExitOutput(logits, exit_index, confidence)
 
 
 # Key layout of the released checkpoints: fixed stage names and a misspelt module name.

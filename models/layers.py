@@ -196,8 +196,9 @@ class TokenPerformer(nn.Module):
     """Single-head Performer token mixer of the T2T module (linear attention with positive
     orthogonal random features), with a skip connection from the values.
 
-    The random-feature products are computed in float32 even under autocast: exponentials
-    of large dot products overflow half precision.
+    The random-feature products are computed in float32 even under autocast and in a model
+    converted to bfloat16/float16: exponentials of large dot products overflow half precision,
+    and rounding them to 8 bits of mantissa would distort the attention weights.
     """
 
     def __init__(self, dim: int, in_dim: int, kernel_ratio: float = 0.5, drop: float = 0.1, eps: float = 1e-8):
@@ -216,7 +217,7 @@ class TokenPerformer(nn.Module):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """exp(w^T x - |x|^2 / 2) / sqrt(m): (B, T, emb) -> (B, T, m)."""
-        wtx = x @ self.w.t()
+        wtx = x @ self.w.to(x.dtype).t()
         return torch.exp(wtx - 0.5 * (x * x).sum(dim=-1, keepdim=True)) / math.sqrt(self.m)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,23 @@
 """Named DVT cascades, registered in timm: ``timm.create_model("DVT_T2t_vit_12", ...)``.
 
-Each factory is only a configuration passed to :class:`models.dvt.DVT`; keyword arguments
-override it (``num_classes``, ``feature_reuse``, ``relation_reuse``, ``drop_path_rate``,
-``img_size``, ...).
+Each factory is only a configuration passed to :class:`models.dvt.DVT` through timm's
+``build_model_with_cfg``; keyword arguments override it (``num_classes``, ``feature_reuse``,
+``relation_reuse``, ``drop_path_rate``, ``img_size``, ...). A local weight file loads the timm
+way::
+
+    timm.create_model("DVT_T2t_vit_12", pretrained=True,
+                      pretrained_cfg_overlay=dict(file="DVT_T2t_vit_12.pth.tar"))
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Sequence
 
-from timm.models import register_model
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from .dvt import DVT
+from .pretrained import numpy_safe_globals, pretrained_cfg, pretrained_filter_fn
 
 T2T_12 = dict(backbone="t2t", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2., qkv_bias=False, norm_eps=1e-5)
 T2T_14 = dict(backbone="t2t", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3., qkv_bias=False, norm_eps=1e-5)
@@ -30,35 +37,80 @@ MODEL_CFGS: dict[str, dict] = {
                      norm_eps=1e-6, grids=(7, 10, 14), reuse_dim=16, reuse_hidden=32),
 }
 
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+default_cfgs = generate_default_cfgs({
+    name: pretrained_cfg(cfg["backbone"], len(cfg.get("t2t_geometries") or cfg["grids"]))
+    for name, cfg in MODEL_CFGS.items()})
+
+
+def _square(img_size: int | Sequence[int]) -> int:
+    """timm passes ``img_size`` as (H, W); a cascade's token grids need square images."""
+    if isinstance(img_size, int):
+        return img_size
+    size = tuple(img_size)
+    if len(size) != 2 or size[0] != size[1]:
+        raise ValueError(f"DVT models take square images; got img_size={img_size}")
+    return int(size[0])
+
+
+def _dvt(**kwargs) -> DVT:
+    if "img_size" in kwargs:
+        kwargs["img_size"] = _square(kwargs["img_size"])
+    return DVT(**kwargs)
 
 
 def build_dvt(name: str, pretrained: bool = False, **kwargs) -> DVT:
-    """Build a registered cascade by name; keyword arguments override its configuration."""
+    """Build a registered cascade by name through timm's builder; keyword arguments override
+    its configuration.
+
+    Args:
+        name: a key of :data:`MODEL_CFGS`.
+        pretrained: load the file named by ``pretrained_cfg_overlay=dict(file=PATH)`` (a
+            released ``.pth.tar`` or a checkpoint of ours); nothing is downloaded.
+        kwargs: :class:`models.dvt.DVT` arguments, plus timm's ``pretrained_cfg``,
+            ``pretrained_cfg_overlay`` and ``cache_dir``.
+    """
     if name not in MODEL_CFGS:
         raise ValueError(f"unknown DVT model {name!r}; choose one of: {', '.join(MODEL_CFGS)}")
+    timm_args = {k: kwargs.pop(k) for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir") if k in kwargs}
+    model_kwargs = dict(kwargs)  # what a checkpoint needs to rebuild this model
     if pretrained:
-        raise ValueError(
-            f"{name}: weights are not downloaded; build the model and load a released checkpoint "
-            "with utils.checkpoint.load_checkpoint(model, path)")
-    for key in _TIMM_ONLY_KWARGS:
-        kwargs.pop(key, None)
-    model = DVT(**{**MODEL_CFGS[name], **kwargs})
-    model.default_cfg = model.pretrained_cfg
+        _check_pretrained_source(name, timm_args, kwargs)
+    # Released files may hold numpy numbers; allowing them keeps timm's weights_only load safe.
+    with torch.serialization.safe_globals(numpy_safe_globals()):
+        model = build_model_with_cfg(
+            _dvt, name, pretrained, pretrained_filter_fn=pretrained_filter_fn, **timm_args,
+            **{**MODEL_CFGS[name], **kwargs})
     model.model_name = name
-    model.model_kwargs = dict(kwargs)  # what a checkpoint needs to rebuild this model
+    model.model_kwargs = model_kwargs
     return model
 
 
-def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, **overrides) -> DVT:
+def _check_pretrained_source(name: str, timm_args: dict, kwargs: dict) -> None:
+    """Clear errors before timm's: no weights to download, a missing file, a T2T input
+    layer that cannot be adapted to other channels."""
+    cfg = resolve_pretrained_cfg(name, timm_args.get("pretrained_cfg"), timm_args.get("pretrained_cfg_overlay"))
+    if cfg.state_dict is None and not cfg.file:
+        raise ValueError(
+            f"{name}: weights are not downloaded; name a released or trained checkpoint with "
+            "pretrained_cfg_overlay=dict(file=PATH), or load one with utils.checkpoint.load_checkpoint(model, path)")
+    if cfg.file and not os.path.isfile(cfg.file):
+        raise FileNotFoundError(f"pretrained file not found: {cfg.file}")
+    if MODEL_CFGS[name]["backbone"] == "t2t" and kwargs.get("in_chans", cfg.input_size[0]) != cfg.input_size[0]:
+        raise ValueError(f"{name}: pretrained T2T weights need in_chans={cfg.input_size[0]}")
+
+
+def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, **overrides) -> torch.nn.Module:
     """Rebuild the model described by a checkpoint written by this project (``model_name``
-    and ``model_kwargs`` entries); ``name`` is required for files that do not carry them."""
+    and ``model_kwargs`` entries): a cascade, or a single-exit baseline; ``name`` is required
+    for files that do not carry them."""
     name = checkpoint.get("model_name", name)
     if name is None:
         raise ValueError("the checkpoint does not name its model; pass the model name")
     kwargs = dict(checkpoint.get("model_kwargs", {}))
     kwargs.update(overrides)
-    return build_dvt(name, **kwargs)
+    from .baseline import create_cascade  # the baselines wrap timm models; that module imports this one
+
+    return create_cascade(name, **kwargs)
 
 
 @register_model

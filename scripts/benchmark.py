@@ -1,10 +1,34 @@
-"""Inference throughput of the DVT cascades: every exit computed (the cost of the last exit).
+"""Inference speed of the DVT cascades, side by side in one run, with the machine it ran on.
 
-    python scripts/benchmark.py                                  # all released models, fp32 and bf16
-    python scripts/benchmark.py --models DVT_T2t_vit_12 --dtypes fp32 --batch 32 --json out.json
+    python scripts/benchmark.py                                     # released models: ours fp32/bf16, timm DeiT-S
+    python scripts/benchmark.py --original /path/to/Dynamic-Vision-Transformer   # + the original code, fp32
+    python scripts/benchmark.py --models DVT_Deit_small --stages --early-exit --latency 40
 
-Prints one markdown row per (model, precision) with images/second, plus the command and
-the machine, so that numbers in the README can be traced to a run.
+Sections (each a markdown table; every row is timed in the same rounds as the others):
+
+* machine: CPU model (or GPU), ``torch.backends.cpu.get_cpu_capability()``, the CPU's
+  bf16/AMX flags, threads, versions, and the measured matmul peak of each dtype;
+* all exits: images/second and achieved GFLOP/s (2 x multiply-adds x images/second) of the
+  original implementation in float32 (when ``--original`` gives its repository), ours in
+  float32 and bf16 (fp16 too on CUDA: weights converted once, ``model.to(dtype)``), and a
+  static timm model of the same family (``--baseline``, default ``deit_small_patch16_224``),
+  with the ratios the project tracks;
+* ``--stages``: each stage and each reuse path timed alone (inputs prepared beforehand), with
+  its multiply-adds and GFLOP/s;
+* ``--early-exit``: real early exit at the exit shares of budget row ``--budget-index``
+  (default 10: the shares at which the paper's T2T-ViT-14 cascade matches its static model)
+  against the static baseline, same dtype and batch; with seeded random weights the
+  thresholds are fitted on the timed batch itself, so the shares are those of the budget;
+* ``--latency N``: batch-1 latency of real early exit and of every exit over N images
+  (median and 90th percentile, ms);
+* ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
+  compile time, images/second, largest difference.
+
+Timing: a warm-up call, then ``--repeats`` rounds in which every configuration runs once in
+turn; the best round of each is kept (on a shared machine other processes only add time),
+so ratios within a table come from the same minutes. The original implementation runs in a
+child process (its vendored timm would shadow the installed one), driven round by round from
+here so it is interleaved too.
 """
 from __future__ import annotations
 
@@ -12,23 +36,40 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
+from utils.budget import budget_exit_shares, find_thresholds  # noqa: E402
+from utils.flops import counting_copy, exit_gflops  # noqa: E402
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RELEASED = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small"]
+
+
+# ----------------------------------------------------------------------------- machine
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
 
 
 def machine_description(device: torch.device) -> str:
-    """The device and the software versions, for the line under a benchmark's table."""
+    """The device, its capability and the software versions, for the line under a table."""
     versions = f"torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {versions}"
@@ -38,64 +79,391 @@ def machine_description(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {versions}"
+    flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(flags) or '-'}; "
+            f"{versions}")
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def throughput(model: torch.nn.Module, batch: int, img_size: int, amp_dtype, device: torch.device,
-               warmup: int, iters: int) -> float:
-    """Images per second of ``model(x)`` (all exits), best of ``iters`` timed batches."""
-    x = torch.randn(batch, 3, img_size, img_size, device=device)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else torch.no_grad
-    times = []
-    for i in range(warmup + iters):
-        _sync(device)
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n x n x n matrix product in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
         start = time.perf_counter()
-        with ctx():
-            model(x)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch / min(times)
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
 
 
-def main(argv=None) -> int:
+# ------------------------------------------------------------------------------ timing
+
+def race(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Best seconds of each callable: one warm-up call each, then ``repeats`` rounds in turn."""
+    best = {name: float("inf") for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def count_gmacs(fn: Callable[[], object]) -> float:
+    """Multiply-adds (G) that ``fn`` performs, counted with torch's FLOP counter."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
+    return counter.get_total_flops() / 2e9
+
+
+def model_gmacs(model: torch.nn.Module, img_size: int) -> float:
+    """Multiply-adds (G) per image of ``model(x)``, every attention on its explicit path."""
+    clone = counting_copy(model)
+    x = torch.zeros(1, 3, img_size, img_size)
+    return count_gmacs(lambda: clone(x))
+
+
+# --------------------------------------------------------------- original implementation
+
+_WORKER = r'''
+import sys, time, types, collections.abc
+import torch
+six = types.ModuleType("torch._six")  # removed from torch; the vendored timm of the original imports it
+six.container_abcs, six.string_classes, six.int_classes, six.inf = collections.abc, (str, bytes), int, float("inf")
+sys.modules["torch._six"] = six
+if not torch.cuda.is_available():
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the original moves tensors with .cuda() inside forward
+root, threads, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+sys.path.insert(0, root)
+import models, models_deit  # noqa: registers the original DVT models in the vendored timm
+from timm.models import create_model
+torch.manual_seed(0)
+x = torch.randn(batch, 3, size, size)
+built = {}
+print("seconds ready", flush=True)
+for line in sys.stdin:
+    name = line.strip()
+    if name not in built:
+        built[name] = create_model(name).eval()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        built[name](x)
+        print("seconds", time.perf_counter() - start, flush=True)
+'''
+
+
+class OriginalWorker:
+    """The original implementation in a child process; ``run(name)`` times one batch there."""
+
+    def __init__(self, root: Path, threads: int, batch: int, img_size: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(root), str(threads), str(batch), str(img_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(root))
+        if self._answer() != "ready":
+            raise RuntimeError(f"the original implementation in {root} did not start")
+
+    def _answer(self) -> str:
+        """The next line of ours (the original prints its own lines too)."""
+        for line in self.proc.stdout:
+            if line.startswith("seconds "):
+                return line.split(" ", 1)[1].strip()
+        raise RuntimeError("the original implementation stopped")
+
+    def run(self, name: str) -> float:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return float(self._answer())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# ---------------------------------------------------------------------------- sections
+
+def build(name: str, img_size: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"img_size": img_size} if name.startswith("DVT_") else {}
+    return timm.create_model(name, **kwargs).eval().to(device=device, dtype=dtype)
+
+
+def all_exits(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str],
+              original: Optional[OriginalWorker]) -> list[dict]:
+    """Every model in every dtype (and the original, fp32), timed in the same rounds."""
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    fns, gmacs, rows = {}, {}, []
+    for name in args.models + [args.baseline]:
+        fp32 = build(name, args.img_size, torch.device("cpu"), torch.float32)
+        gmacs[name] = exit_gflops(fp32, args.img_size)[-1] if name.startswith("DVT_") else \
+            model_gmacs(fp32, args.img_size)
+        for d in dtypes:
+            model = build(name, args.img_size, device, DTYPES[d])
+            fns[(name, d)] = (lambda m, xd: lambda: m(xd))(model, x.to(DTYPES[d]))
+        if original is not None and name.startswith("DVT_"):
+            fns[(name, "original")] = None
+    best = {key: float("inf") for key in fns}
+    for r in range(args.repeats + 1):  # round 0 is the warm-up
+        for key, fn in fns.items():
+            t = original.run(key[0]) if fn is None else _time_once(fn, device)
+            if r:
+                best[key] = min(best[key], t)
+    for (name, d), t in best.items():
+        ips = args.batch / t
+        rows.append(dict(model=name, impl="original" if d == "original" else "this", dtype="fp32" if d == "original"
+                         else d, img_per_s=ips, gmacs=gmacs[name], gflop_per_s=2 * gmacs[name] * ips))
+    return rows
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    with torch.inference_mode():
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+
+def print_all_exits(rows: list[dict], args: argparse.Namespace, dtypes: Sequence[str], peaks: dict[str, float]) -> None:
+    by = {(r["model"], r["impl"], r["dtype"]): r for r in rows}
+    base = args.baseline
+    print(f"\n### All exits, batch {args.batch}, {args.img_size}px, best of {args.repeats} rounds\n")
+    print("| model | GMACs/img | implementation | dtype | img/s | GFLOP/s | % of matmul peak | vs ours fp32 | vs original fp32 |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
+    for name in args.models + [base]:
+        ref = by.get((name, "this", "fp32"))
+        orig = by.get((name, "original", "fp32"))
+        for impl, d in [("original", "fp32")] + [("this", d) for d in dtypes]:
+            r = by.get((name, impl, d))
+            if r is None:
+                continue
+            label = "timm (static)" if name == base else impl
+            vs_ref = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref else "-"
+            vs_orig = f"{r['img_per_s'] / orig['img_per_s']:.2f}x" if orig else "-"
+            print(f"| {name} | {r['gmacs']:.3f} | {label} | {d} | {r['img_per_s']:.1f} | {r['gflop_per_s']:.0f} | "
+                  f"{100 * r['gflop_per_s'] / peaks[d]:.0f}% | {vs_ref} | {vs_orig} |")
+    print(f"\nPer-FLOP throughput against {base} in the same dtype (GFLOP/s ratio):\n")
+    print("| model | " + " | ".join(dtypes) + " |")
+    print("|---|" + "---:|" * len(dtypes))
+    for name in args.models:
+        cells = []
+        for d in dtypes:
+            r, b = by.get((name, "this", d)), by.get((base, "this", d))
+            cells.append(f"{r['gflop_per_s'] / b['gflop_per_s']:.0%}" if r and b else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def stage_breakdown(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
+    """Each stage and each reuse path timed alone, with its multiply-adds and GFLOP/s."""
+    for name in args.models:
+        clone = counting_copy(build(name, args.img_size, torch.device("cpu"), torch.float32))
+        x1 = torch.zeros(1, 3, args.img_size, args.img_size)
+        with torch.no_grad():
+            prev1 = [None] + list(clone.iter_stages(x1))[:-1]
+        parts = _stage_parts(clone, x1, prev1)
+        macs = {label: count_gmacs(fn) for label, fn in parts.items()}
+        print(f"\n### {name}: stages and reuse paths, batch {args.batch}, each timed alone, best of {args.repeats}\n")
+        print("| part | GMACs/img | " + " | ".join(f"{d} ms | {d} GFLOP/s" for d in dtypes) + " |")
+        print("|---|---:|" + "---:|---:|" * len(dtypes))
+        times = {}
+        for d in dtypes:
+            model = build(name, args.img_size, device, DTYPES[d])
+            x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=DTYPES[d])
+            with torch.inference_mode():
+                prev = [None] + list(model.iter_stages(x))[:-1]
+            times[d] = race(_stage_parts(model, x, prev), args.repeats, device)
+        for label, g in macs.items():
+            cells = [f"{times[d][label] * 1e3:.1f} | {2 * g * args.batch / times[d][label]:.0f}" for d in dtypes]
+            print(f"| {label} | {g:.3f} | " + " | ".join(cells) + " |")
+
+
+def _stage_parts(model, x: torch.Tensor, prev: list) -> dict[str, Callable[[], object]]:
+    parts = {}
+    for k, stage in enumerate(model.stages):
+        export = model._exports_relations(k)
+        parts[f"stage {k + 1} (all of it)"] = (lambda s, p, e: lambda: s(x, p, export_relations=e))(stage, prev[k], export)
+        parts[f"stage {k + 1} embedding"] = (lambda s: lambda: s.embed(x))(stage)
+        if stage.relation_reuse:
+            parts[f"stage {k + 1} relation reuse"] = (lambda s, p: lambda: s._relation_biases(p.relations))(stage, prev[k])
+        if stage.feature_reuse:
+            parts[f"stage {k + 1} feature reuse"] = (lambda s, p: lambda: [
+                s._reused_features(b, p.tokens) for b in s.blocks])(stage, prev[k])
+    return parts
+
+
+def early_exit_vs_baseline(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
+    """Real early exit at the budget's exit shares against the static baseline."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
+    base_gmacs = model_gmacs(build(args.baseline, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
+    print(f"\n### Real early exit (budget row p = {args.budget_index}) against {args.baseline} "
+          f"({base_gmacs:.2f} GMACs), batch {args.batch}\n")
+    print("| model | dtype | exit shares (fitted / realised) | GMACs/img | early exit img/s | all exits img/s | "
+          f"{args.baseline} img/s | early exit / static | FLOPs promise |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        for d in dtypes:
+            model = build(name, args.img_size, device, DTYPES[d])
+            base = build(args.baseline, args.img_size, device, DTYPES[d])
+            flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
+            shares = budget_exit_shares(args.budget_index, model.num_exits)
+            xd = x.to(DTYPES[d])
+            with torch.inference_mode():  # seeded random weights: fitted on the timed batch itself, to get the shares
+                conf = torch.stack(model(xd)).float().softmax(-1).amax(-1).cpu()
+                thresholds = find_thresholds(conf, shares[None])[0].to(device)
+                exits = model.forward_early_exit(xd, thresholds).exit_index.cpu()
+            real = (torch.bincount(exits, minlength=model.num_exits).float() / exits.numel()).tolist()
+            gm = sum(s * f for s, f in zip(real, flops))
+            t = race({"early": lambda: model.forward_early_exit(xd, thresholds), "all": lambda: model(xd),
+                      "base": lambda: base(xd)}, args.repeats, device)
+            ips = {k: args.batch / v for k, v in t.items()}
+            print(f"| {name} | {d} | {' / '.join(f'{s:.2f}' for s in shares.tolist())} ; "
+                  f"{' / '.join(f'{s:.2f}' for s in real)} | {gm:.2f} | {ips['early']:.1f} | {ips['all']:.1f} | "
+                  f"{ips['base']:.1f} | {ips['early'] / ips['base']:.2f}x | {base_gmacs / gm:.2f}x |")
+
+
+def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
+    """Per-image latency, batch 1: real early exit against every exit."""
+    gen = torch.Generator().manual_seed(2)
+    print(f"\n### Batch-1 latency over {args.latency} images (budget row p = {args.budget_index}), ms\n")
+    print("| model | dtype | early exit median | early exit p90 | all exits median | all exits p90 | exit shares |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for name in args.models:
+        for d in dtypes:
+            model = build(name, args.img_size, device, DTYPES[d])
+            images = torch.randn(args.latency, 3, args.img_size, args.img_size, generator=gen).to(device)
+            shares = budget_exit_shares(args.budget_index, model.num_exits)
+            with torch.inference_mode():
+                conf = torch.stack(model(images)).float().softmax(-1).amax(-1).cpu()
+                thresholds = find_thresholds(conf, shares[None])[0].to(device)
+                model.forward_early_exit(images[:1], thresholds)
+                early, full, exits = [], [], []
+                for i in range(args.latency):
+                    xi = images[i:i + 1]
+                    early.append(_time_once(lambda: exits.append(model.forward_early_exit(xi, thresholds)), device))
+                    full.append(_time_once(lambda: model(xi), device))
+            counts = torch.bincount(torch.cat([e.exit_index.cpu() for e in exits]), minlength=model.num_exits)
+            q = lambda v: statistics.quantiles(v, n=10)[-1] * 1e3  # noqa: E731  (90th percentile)
+            print(f"| {name} | {d} | {statistics.median(early) * 1e3:.1f} | {q(early):.1f} | "
+                  f"{statistics.median(full) * 1e3:.1f} | {q(full):.1f} | "
+                  f"{' / '.join(f'{c / args.latency:.2f}' for c in counts.tolist())} |")
+
+
+def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
+    """torch.compile (inductor) against eager: compile time and images/second, all exits and
+    real early exit (one compiled graph per stage, dynamic batch)."""
+    from models.deploy import CompiledCascade
+
+    gen = torch.Generator().manual_seed(3)
+    print(f"\n### torch.compile against eager, batch {args.batch} (compile: the first calls)\n")
+    print("| model | dtype | path | compile s | eager img/s | compiled img/s | speed-up | largest difference |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        for d in dtypes:
+            model = build(name, args.img_size, device, DTYPES[d])
+            x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device, DTYPES[d])
+            shares = budget_exit_shares(args.budget_index, model.num_exits)
+            cascade = CompiledCascade(model)
+            with torch.inference_mode():
+                conf = torch.stack(model(x)).float().softmax(-1).amax(-1).cpu()
+                thresholds = find_thresholds(conf, shares[None])[0].to(device)
+                start = time.perf_counter()
+                compiled_all = cascade(x)
+                t_all = time.perf_counter() - start
+                start = time.perf_counter()
+                compiled_early = cascade.forward_early_exit(x, thresholds)
+                t_early = time.perf_counter() - start
+                diff_all = max((a.float() - b.float()).abs().max().item() for a, b in zip(compiled_all, model(x)))
+                diff_early = (compiled_early.logits.float() - model.forward_early_exit(x, thresholds).logits.float()
+                              ).abs().max().item()
+            t = race({"eager all": lambda: model(x), "compiled all": lambda: cascade(x),
+                      "eager early": lambda: model.forward_early_exit(x, thresholds),
+                      "compiled early": lambda: cascade.forward_early_exit(x, thresholds)}, args.repeats, device)
+            for path, tc, diff in (("all exits", t_all, diff_all), ("early exit", t_early, diff_early)):
+                key = path.split()[0]
+                e, c = args.batch / t[f"eager {key}"], args.batch / t[f"compiled {key}"]
+                print(f"| {name} | {d} | {path} | {tc:.0f} | {e:.1f} | {c:.1f} | {c / e:.2f}x | {diff:.1e} |")
+
+
+# --------------------------------------------------------------------------------- main
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small"])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--models", nargs="+", default=RELEASED)
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
+                        help="default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA")
+    parser.add_argument("--baseline", default="deit_small_patch16_224", help="static timm model of the same family")
+    parser.add_argument("--original", type=Path, default=None,
+                        help="checkout of the original implementation: also time it (fp32)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON lines here")
+    parser.add_argument("--stages", action="store_true", help="per-stage and reuse-path breakdown")
+    parser.add_argument("--early-exit", action="store_true", help="real early exit against the baseline")
+    parser.add_argument("--latency", type=int, default=0, metavar="N", help="batch-1 latency over N images")
+    parser.add_argument("--budget-index", type=int, default=10, help="budget row p (1..59) for early exit")
+    parser.add_argument("--compile", action="store_true", help="torch.compile against eager (compile time, speed-up)")
+    parser.add_argument("--no-all-exits", action="store_true", help="skip the all-exit table")
+    parser.add_argument("--json", type=Path, default=None, help="also append the all-exit rows as JSON lines")
     args = parser.parse_args(argv)
+    if args.original is not None and not (args.original / "models_deit.py").is_file():
+        parser.error(f"--original {args.original}: not a checkout of the original implementation (no models_deit.py)")
+    if args.latency == 1:
+        parser.error("--latency needs at least 2 images")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-
+    dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"machine: {machine_description(device)}")
-    print(f"batch {args.batch}, {args.img_size}x{args.img_size}, all exits, best of {args.iters} after {args.warmup} warm-up\n")
-    print("| model | precision | img/s |")
-    print("|---|---|---:|")
-    rows = []
-    for name in args.models:
-        model = timm.create_model(name).to(device).eval()
-        for dtype in args.dtypes:
-            ips = throughput(model, args.batch, args.img_size, DTYPES[dtype], device, args.warmup, args.iters)
-            rows.append(dict(impl="this", model=name, dtype=dtype, batch=args.batch, img_per_s=ips))
-            print(f"| {name} | {dtype} | {ips:.1f} |", flush=True)
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    peaks = {d: matmul_peak(DTYPES[d], device) for d in dtypes}
+    print("matmul peak (2048^3, best of 5): " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()))
+    if not args.no_all_exits:
+        original = None
+        if args.original is not None:
+            original = OriginalWorker(args.original, torch.get_num_threads(), args.batch, args.img_size)
+        try:
+            rows = all_exits(args, device, dtypes, original)
+        finally:
+            if original is not None:
+                original.close()
+        print_all_exits(rows, args, dtypes, peaks)
+        if args.json:
+            with open(args.json, "a") as f:
+                for row in rows:
+                    f.write(json.dumps(dict(row, batch=args.batch, device=str(device))) + "\n")
+    if args.stages:
+        stage_breakdown(args, device, dtypes)
+    if args.early_exit:
+        early_exit_vs_baseline(args, device, dtypes)
+    if args.latency:
+        batch1_latency(args, device, dtypes)
+    if args.compile:
+        compile_speedup(args, device, dtypes)
     return 0
 
 

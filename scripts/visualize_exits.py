@@ -37,18 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models import DVT, build_dvt, model_from_checkpoint  # noqa: E402
-from models.registry import MODEL_CFGS  # noqa: E402
+from models import DVT  # noqa: E402
 from utils.budget import FINAL_THRESHOLD, thresholds_for_budget  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint_file, load_weights  # noqa: E402
-from utils.data import DataError, build_split, eval_transform, seeded_subset  # noqa: E402
-from utils.engine import checkpoint_weights, head_classes  # noqa: E402
+from utils.checkpoint import build_from_checkpoint, load_checkpoint_file  # noqa: E402
+from utils.data import build_split, eval_transform, seeded_subset  # noqa: E402
+from utils.errors import CheckpointError, DataError  # noqa: E402
 from utils.evaluate import collect_exit_stats  # noqa: E402
 from utils.flops import exit_gflops  # noqa: E402
 from utils.synthetic import read_manifest  # noqa: E402
 
 __all__ = [
-    "ExitRun", "load_model", "run_early_exit", "parse_thresholds", "choose_thresholds", "format_threshold",
+    "ExitRun", "run_early_exit", "parse_thresholds", "choose_thresholds", "format_threshold",
     "pick_examples", "draw_exits", "visualize", "main",
 ]
 
@@ -67,40 +66,6 @@ class ExitRun(NamedTuple):
     prediction: torch.Tensor
     confidence: torch.Tensor
     targets: torch.Tensor
-
-
-# ------------------------------------------------------------------------- model
-
-def load_model(checkpoint: dict, path: str, model: Optional[str] = None, img_size: Optional[int] = None,
-               weights: str = "auto") -> DVT:
-    """The checkpoint's cascade with its weights loaded, in eval mode on the CPU.
-
-    Args:
-        checkpoint: the loaded checkpoint dictionary (released layout, ours, or a training
-            checkpoint of main.py).
-        path: its file name, for messages.
-        model: model name; needed for files that do not name their model (released files).
-        img_size: input resolution; default: the checkpoint's, else 224.
-        weights: ``auto`` (the EMA weights of a training checkpoint when it has them),
-            ``model`` or ``ema``.
-    """
-    state_dict, _ = checkpoint_weights(checkpoint, weights, path)
-    stored = checkpoint.get("model_name")
-    if stored is not None and model is not None and stored != model:
-        raise CheckpointError(f"{path} holds a {stored} checkpoint, but --model is {model}")
-    name = stored or model
-    if name is None:
-        raise CheckpointError(f"{path} does not name its model; pass --model NAME (one of {', '.join(MODEL_CFGS)})")
-    if name not in MODEL_CFGS:
-        raise CheckpointError(f"unknown model {name!r}; known: {', '.join(MODEL_CFGS)}")
-    overrides: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
-    if stored is not None:
-        net = model_from_checkpoint(checkpoint, name, **overrides)
-    else:
-        overrides.setdefault("img_size", 224)
-        net = build_dvt(name, num_classes=head_classes(state_dict) or 1000, **overrides)
-    load_weights(net, state_dict)
-    return net.eval()
 
 
 # ------------------------------------------------------------------ early exit
@@ -320,7 +285,9 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     """The body of the command: returns the numbers it prints."""
     check_args(args)
     checkpoint = load_checkpoint_file(args.checkpoint_path)
-    model = load_model(checkpoint, args.checkpoint_path, args.model, args.img_size, args.weights)
+    overrides = {} if args.img_size is None else {"img_size": args.img_size}
+    model, _ = build_from_checkpoint(checkpoint, args.checkpoint_path, name=args.model, weights=args.weights,
+                                     **overrides)
     size = model.img_size
     cfg = model.pretrained_cfg
     transform = eval_transform(size, args.crop_pct, cfg["mean"], cfg["std"])

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from golden import load_budget_fixture, synthetic_exit_probs
-from utils import budget
+from utils import budget, dynamic_evaluate, dynamic_find_threshold
 from utils.budget import (
     DEFAULT_BUDGETS,
     ExitStatsAccumulator,
     anytime_accuracy,
     budget_curve,
     budget_exit_shares,
-    dynamic_evaluate,
-    dynamic_find_threshold,
     evaluate_thresholds,
     exit_assignment,
     exit_stats,
@@ -120,6 +118,41 @@ def test_original_signatures(golden_case):
         top1, gflops = dynamic_evaluate(probs, targets, fixture["flops"], thresholds)
         assert top1 == pytest.approx(expected_top1[p - 1], abs=1e-6, rel=0)
         assert gflops == pytest.approx(expected_gflops[p - 1], abs=1e-6, rel=0)
+
+
+def test_original_signatures_per_budget_loop_is_exact_and_sees_changes(golden_case):
+    """Called once per budget on the same tensors (the original calling pattern): every budget
+    matches the batched curve; an in-place change or a new tensor is never served stale."""
+    fixture, probs, targets = golden_case
+    calib, val = probs.clone(), probs.flip(1).clone()  # two sets, as in eval mode 2
+    val_targets = targets.flip(0).clone()
+
+    def per_budget() -> tuple[list, list, list]:
+        rows, gflops, top1 = [], [], []
+        for p in DEFAULT_BUDGETS:
+            thresholds = dynamic_find_threshold(calib, targets, budget_exit_shares(p, 3))
+            acc, cost = dynamic_evaluate(val, val_targets, fixture["flops"], thresholds)
+            rows.append(thresholds.tolist()), gflops.append(cost), top1.append(acc)
+        return rows, gflops, top1
+
+    def fresh() -> tuple[list, list, list]:
+        val_conf, val_correct = exit_stats(val, val_targets)
+        calib_conf, _ = exit_stats(calib, targets)
+        thresholds, (gflops, top1) = budget_curve(val_conf, val_correct, fixture["flops"], calib_conf=calib_conf)
+        return thresholds.tolist(), gflops, top1
+
+    before = per_budget()
+    assert before == fresh()
+    calib[:, : len(targets) // 2] *= 0.75  # in place: new confidences for the search
+    val_targets[::3] = (val_targets[::3] + 1) % probs.shape[-1]  # and new correctness
+    after = per_budget()
+    assert after == fresh()
+    assert after[0] != before[0] and after[2] != before[2]
+    with torch.inference_mode():  # no version counter: reduced on every call
+        calib, val = calib.clone(), val.clone()
+        first = per_budget()
+        calib.mul_(0.5)
+        assert per_budget() == fresh() != first
 
 
 def test_stored_thresholds_mode_matches_search(golden_case):

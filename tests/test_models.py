@@ -183,10 +183,19 @@ PUBLISHED_GFLOPS = {
 }
 
 
+# What utils.flops counts, the same on every device, dtype, attention kernel and torch version.
+COUNTED_GFLOPS = {
+    "DVT_T2t_vit_12": [0.468, 1.446, 3.455],
+    "DVT_T2t_vit_14": [1.201, 3.818, 9.264],
+    "DVT_Deit_small": [1.143, 3.643, 8.801],
+}
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED_GFLOPS))
 def test_exit_gflops_match_published(name):
     gflops = exit_gflops(timm.create_model(name), img_size=224)
     np.testing.assert_allclose(gflops, PUBLISHED_GFLOPS[name], rtol=0.02)
+    assert [round(g, 3) for g in gflops] == COUNTED_GFLOPS[name]
 
 
 def small_t2t(**kwargs):
@@ -257,6 +266,23 @@ def test_bf16_autocast_close_to_float32():
     err = (low.float() - ref).abs().max().item()
     assert err < 0.1, err
     assert (low.float().argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+
+
+@pytest.mark.parametrize("variant", ["DVT_Deit_small", "DVT_T2t_vit_12"])
+def test_bf16_weights_close_to_float32(variant):
+    """A model converted once to bfloat16 (``model.to(torch.bfloat16)``, no autocast) takes
+    float32 images, computes in bfloat16 with the Performer's random features in float32, and
+    stays within 0.1 of the float32 logits of the golden weights."""
+    model = golden_model(variant)
+    x = golden_input(1, 2)
+    with torch.no_grad():
+        ref = torch.stack(model(x))
+        low = torch.stack(model.to(torch.bfloat16)(x))
+        exits = model.forward_early_exit(x, thresholds=torch.tensor([2.0, 2.0, -1e8]))
+    assert low.dtype == torch.bfloat16
+    err = (low.float() - ref).abs().max().item()
+    assert err < 0.1, err
+    torch.testing.assert_close(exits.logits, low[-1], rtol=0, atol=0)
 
 
 def test_performer_stays_float32_under_autocast():

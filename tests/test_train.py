@@ -23,7 +23,8 @@ from fake_data import make_fake_cifar, make_image_folder
 from models.dvt import DVT, to_original_state_dict
 from models.registry import MODEL_CFGS
 from utils.checkpoint import atomic_save, load_checkpoint_file
-from utils.engine import CIFAR10Files, CIFAR100Files, EpochSampler, SeededDataset, load_cifar
+from utils.cifar import CIFAR10Files, CIFAR100Files, load_cifar
+from utils.data import EpochSampler, SeededDataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -278,7 +279,8 @@ def uninterrupted(tmp_path_factory, image_data) -> dict:
     (dict(signal_train_at=3), (), 128 + signal.SIGTERM, (0, 3)),  # after an epoch's last step, before its evaluation
     (dict(signal_eval_at=1), (), 128 + signal.SIGTERM, (1, 0)),  # during evaluation: after the epoch's checkpoint
     (dict(signal_train_at=5, signal=signal.SIGINT), (), 128 + signal.SIGINT, (1, 2)),  # Ctrl-C in the second epoch
-    (dict(nan_at=5), ("--recovery-interval", "1"), 1, (1, 1)),  # NaN: the last recovery checkpoint is intact
+    # NaN with --max-bad-steps 1: the run stops, the last recovery checkpoint is intact
+    (dict(nan_at=5), ("--recovery-interval", "1", "--max-bad-steps", "1"), 1, (1, 1)),
 ])
 def test_resume_is_bit_identical(tmp_path, image_data, uninterrupted, fault, extra, status, position):
     args = base_args(image_data, tmp_path, "run", *DETERMINISTIC, *extra)
@@ -350,7 +352,8 @@ def test_epoch_order_and_augmentation_depend_only_on_seed_epoch_index():
 # -------------------------------------------------------------- precision and failures
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, image_data, capsys):
-    assert train_main.main(base_args(image_data, tmp_path, "bf16", "--amp", "--epochs", "1", "--no-release")) == 0
+    assert train_main.main(base_args(image_data, tmp_path, "bf16", "--amp", "--amp-dtype", "bfloat16", "--epochs", "1",
+                                      "--no-release")) == 0
     out = capsys.readouterr().out
     assert "precision torch.bfloat16" in out
     last = load_checkpoint_file(run_dir(tmp_path, "bf16") / "last.pth.tar")
@@ -367,9 +370,11 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, image_data, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_data, capsys):
     set_faults(nan_at=4)  # the first step of the second epoch
-    assert train_main.main(base_args(image_data, tmp_path, "nan", "--model", "DVT_tiny_faulty")) == 1
+    assert train_main.main(base_args(image_data, tmp_path, "nan", "--model", "DVT_tiny_faulty",
+                                     "--max-bad-steps", "1")) == 1
     err = capsys.readouterr().err
-    assert "non-finite loss at epoch 1, step 0" in err and "last good checkpoint" in err and "Traceback" not in err
+    assert "1 training step in a row had a non-finite loss (the last at epoch 1, step 0" in err
+    assert "last good checkpoint" in err and "Traceback" not in err
     folder = run_dir(tmp_path, "nan")
     last = load_checkpoint_file(folder / "last.pth.tar")
     assert (last["epoch"], last["step"], last["num_updates"]) == (1, 0, 3)
@@ -445,3 +450,77 @@ def test_cifar_finetuning(tmp_path, image_data, dataset, classes, source, capsys
             assert torch.equal(last["model"][key], value), key
     released = load_checkpoint_file(folder / "released.pth.tar")
     assert len(released["anytime_classification"]) == 3 and released["flops"][0] > 0
+
+
+# ------------------------------------------------- checkpoints of the original training
+
+def original_training_checkpoint(path: Path, with_ema: bool = True) -> tuple[dict, dict]:
+    """A checkpoint laid out as the original training script writes it (timm's checkpoint saver:
+    epoch, arch, state_dict, optimizer, version, args as a Namespace, the scaler's state,
+    state_dict_ema, metric), from seeded DVT_tiny weights in the original key layout.
+    Returns the raw and the EMA state dicts (ours)."""
+    import argparse
+
+    torch.manual_seed(1)
+    raw = DVT(**{**MODEL_CFGS["DVT_tiny"], "num_classes": 3, "img_size": 32})
+    ema = DVT(**{**MODEL_CFGS["DVT_tiny"], "num_classes": 3, "img_size": 32})
+    optimizer = torch.optim.AdamW(raw.parameters())
+    checkpoint = {
+        "epoch": 299, "arch": "DVT_tiny", "state_dict": to_original_state_dict(raw.state_dict()),
+        "optimizer": optimizer.state_dict(), "version": 2,
+        "args": argparse.Namespace(model="DVT_tiny", img_size=32, num_classes=3, model_ema=True, lr=2e-3),
+        "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000},
+        "metric": 80.0,
+    }
+    if with_ema:
+        checkpoint["state_dict_ema"] = to_original_state_dict(ema.state_dict())
+    torch.save(checkpoint, path)
+    return raw.state_dict(), ema.state_dict()
+
+
+def test_original_training_checkpoint_gives_its_ema_weights(tmp_path):
+    from utils.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_weights
+
+    raw, ema = original_training_checkpoint(tmp_path / "model_best.pth.tar")
+    checkpoint = load_checkpoint_file(tmp_path / "model_best.pth.tar")  # its options Namespace loads safely
+    model, which = build_from_checkpoint(checkpoint, "model_best.pth.tar")  # arch and img_size from the file
+    assert which == "ema" and model.model_name == "DVT_tiny" and model.img_size == 32
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    model, which = build_from_checkpoint(checkpoint, "model_best.pth.tar", weights="model")
+    assert which == "model" and all(torch.equal(model.state_dict()[k], v) for k, v in raw.items())
+    with pytest.raises(CheckpointError, match="holds a DVT_tiny checkpoint, but --model is DVT_T2t_vit_12"):
+        build_from_checkpoint(checkpoint, "model_best.pth.tar", name="DVT_T2t_vit_12")
+
+    original_training_checkpoint(tmp_path / "no_ema.pth.tar", with_ema=False)
+    checkpoint = load_checkpoint_file(tmp_path / "no_ema.pth.tar")
+    assert checkpoint_weights(checkpoint, "auto")[1] == "model"
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        checkpoint_weights(checkpoint, "ema")
+
+
+def test_original_training_checkpoint_release_and_finetune_use_ema(tmp_path, image_data, capsys):
+    ckpt = tmp_path / "model_best.pth.tar"
+    _, ema = original_training_checkpoint(ckpt)
+    out = tmp_path / "released.pth.tar"
+    assert train_main.main([str(image_data), "--config", TINY, "--device", "cpu", "--export-released", str(ckpt),
+                            "--released-path", str(out), "--release-weights", "ema", "--calib-size", "8"]) == 0
+    released = load_checkpoint_file(out)
+    assert released["weights"] == "ema"
+    expected = to_original_state_dict(ema)
+    assert all(torch.equal(released["model_state_dict"][k], v) for k, v in expected.items())
+    # inference.py, from the original checkpoint with its defaults, fits the same thresholds (one
+    # calibration seed and set for both tools; the same EMA weights; batches of the same size)
+    assert inference.main(["--data_url", str(image_data), "--checkpoint_path", str(ckpt), "--eval_mode", "2",
+                           "--calib_size", "8", "--batch_size", "16", "--workers", "0", "--no_progress",
+                           "--save_checkpoint", str(tmp_path / "fitted.pth.tar")]) == 0
+    fitted = load_checkpoint_file(tmp_path / "fitted.pth.tar")
+    assert torch.equal(fitted["dynamic_threshold"], released["dynamic_threshold"])
+
+    args = base_args(image_data, tmp_path, "ft", "--finetune", str(ckpt), "--backbone-lr-scale", "0",
+                     "--epochs", "1", "--no-release", "--no-model-ema")
+    assert train_main.main(args) == 0, capsys.readouterr().err
+    assert "(ema weights, 3 -> 3 classes)" in (run_dir(tmp_path, "ft") / "log.txt").read_text()
+    last = load_checkpoint_file(run_dir(tmp_path, "ft") / "last.pth.tar")
+    for key, value in ema.items():
+        if ".head." not in key:
+            assert torch.equal(last["model"][key], value), key

@@ -11,7 +11,8 @@ accuracy/GFLOPs curve reported in the paper.
 Everything here works on a compact per-sample summary, two ``(E, N)`` tensors:
 the confidence of every exit and whether its prediction is right. The full
 ``(E, N, classes)`` softmax (600 MB for ImageNet val) is never needed; use
-:class:`ExitStatsAccumulator` to build the summary batch by batch.
+:class:`ExitStatsAccumulator` (in :mod:`utils.evaluate`, importable from here too) to build the
+summary batch by batch.
 
 The functions reproduce the original implementation bit for bit: the exit
 shares and the sample counts ``floor(N * q_k)`` are evaluated in float32 torch
@@ -25,22 +26,12 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
+from .evaluate import ExitStatsAccumulator, anytime_accuracy, exit_stats  # noqa: F401  (the summary used here)
+
 __all__ = [
-    "DEFAULT_BUDGETS",
-    "NO_EXIT_THRESHOLD",
-    "FINAL_THRESHOLD",
-    "budget_exit_shares",
-    "exit_stats",
-    "ExitStatsAccumulator",
-    "anytime_accuracy",
-    "find_thresholds",
-    "exit_assignment",
-    "evaluate_thresholds",
-    "budget_curve",
-    "BudgetThresholds",
-    "thresholds_for_budget",
-    "dynamic_find_threshold",
-    "dynamic_evaluate",
+    "DEFAULT_BUDGETS", "NO_EXIT_THRESHOLD", "FINAL_THRESHOLD", "budget_exit_shares", "exit_stats",
+    "ExitStatsAccumulator", "anytime_accuracy", "find_thresholds", "exit_assignment", "evaluate_thresholds",
+    "budget_curve", "BudgetThresholds", "thresholds_for_budget",
 ]
 
 DEFAULT_BUDGETS: range = range(1, 60)
@@ -96,80 +87,6 @@ def _exit_counts(shares: Tensor, n: int) -> Tensor:
     return torch.floor(n * shares).long()
 
 
-# ------------------------------------------------------------------- per-sample stats
-
-@torch.no_grad()
-def exit_stats(probs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Compact per-sample summary of the exits' softmax outputs.
-
-    Args:
-        probs: ``(E, N, C)`` softmax probabilities of every exit.
-        targets: ``(N,)`` integer class labels.
-
-    Returns:
-        ``confidence``: ``(E, N)`` float32, the max probability of every exit;
-        ``correct``: ``(E, N)`` bool, whether that exit's arg-max is the label.
-        Both on the device of ``probs``.
-    """
-    if probs.dim() != 3:
-        raise ValueError(f"probs must be (exits, N, classes), got shape {tuple(probs.shape)}")
-    confidence, prediction = probs.max(dim=-1)  # (E, N), (E, N)
-    correct = prediction == targets.to(prediction.device).view(1, -1)  # (E, N)
-    return confidence.to(torch.float32), correct
-
-
-class ExitStatsAccumulator:
-    """Collects :func:`exit_stats` batch by batch, keeping only ``(E, B)`` CPU tensors.
-
-    Example::
-
-        acc = ExitStatsAccumulator()
-        for images, targets in loader:
-            acc.update(model(images), targets)  # model returns one (B, C) logit tensor per exit
-        confidence, correct = acc.result()      # (E, N), (E, N)
-    """
-
-    def __init__(self) -> None:
-        self._confidence: list[Tensor] = []
-        self._correct: list[Tensor] = []
-        self.num_samples = 0
-
-    @torch.no_grad()
-    def update(self, logits_per_exit: Sequence[Tensor], targets: Tensor) -> None:
-        """Add one batch.
-
-        Args:
-            logits_per_exit: one ``(B, C)`` logit tensor per exit (or a stacked
-                ``(E, B, C)`` tensor); the softmax is taken in float32.
-            targets: ``(B,)`` integer labels.
-        """
-        logits = torch.stack([torch.as_tensor(x) for x in logits_per_exit])  # (E, B, C)
-        probs = torch.softmax(logits.to(torch.float32), dim=-1)
-        confidence, correct = exit_stats(probs, targets)  # (E, B), (E, B)
-        if self._confidence and confidence.shape[0] != self._confidence[0].shape[0]:
-            raise ValueError(
-                f"got {confidence.shape[0]} exits, earlier batches had {self._confidence[0].shape[0]}")
-        self._confidence.append(confidence.cpu())
-        self._correct.append(correct.cpu())
-        self.num_samples += confidence.shape[1]
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        """``(confidence, correct)`` of all samples so far, ``(E, N)`` each, in update order."""
-        if not self._confidence:
-            raise ValueError("no batch was added")
-        return torch.cat(self._confidence, dim=1), torch.cat(self._correct, dim=1)
-
-    def nbytes(self) -> int:
-        """Bytes held by the stored summaries."""
-        return sum(t.numel() * t.element_size() for t in self._confidence + self._correct)
-
-
-def anytime_accuracy(correct: Tensor) -> list[float]:
-    """Top-1 accuracy (%) of every exit when all samples run it: ``(E, N)`` bool -> E floats."""
-    n = correct.shape[1]
-    return [hits * 100.0 / n for hits in correct.sum(dim=1).tolist()]
-
-
 # --------------------------------------------------------------------- threshold search
 
 def _search_sorted(confidence: Tensor, order: Tensor, sorted_conf: Tensor, counts: Tensor) -> Tensor:
@@ -206,7 +123,9 @@ def _search_sorted(confidence: Tensor, order: Tensor, sorted_conf: Tensor, count
 
 
 @torch.no_grad()
-def find_thresholds(confidence: Tensor, shares: Tensor) -> Tensor:
+def find_thresholds(
+    confidence: Tensor, shares: Tensor, presorted: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Fit the exit thresholds to the wanted exit shares on a calibration set.
 
     For each exit ``k`` but the last, among the samples that have not left at an
@@ -222,6 +141,8 @@ def find_thresholds(confidence: Tensor, shares: Tensor) -> Tensor:
             other dtypes are converted).
         shares: ``(E,)`` exit shares (e.g. :func:`budget_exit_shares`), or
             ``(B, E)`` for ``B`` budgets at once (one sort serves all of them).
+        presorted: ``confidence.sort(dim=1, descending=True)`` of the float32
+            confidences, when the caller keeps it for several calls.
 
     Returns:
         ``(E,)`` (or ``(B, E)``) float32 thresholds on the device of ``confidence``.
@@ -233,7 +154,7 @@ def find_thresholds(confidence: Tensor, shares: Tensor) -> Tensor:
     if shares.shape[1] < num_exits - 1:
         raise ValueError(f"need a share for each of the first {num_exits - 1} exits, got {shares.shape[1]}")
     counts = _exit_counts(shares, n)  # (B, E')
-    sorted_conf, order = confidence.sort(dim=1, descending=True)  # (E, N), (E, N)
+    sorted_conf, order = presorted if presorted is not None else confidence.sort(dim=1, descending=True)  # (E, N)
     chunk = max(1, _MAX_WORK_ELEMENTS // max(n, 1))
     thresholds = torch.cat([
         _search_sorted(confidence, order, sorted_conf, counts[i : i + chunk])
@@ -417,6 +338,27 @@ def thresholds_for_budget(
             f"budget of {target_gflops} GFLOPs is below the cost of the first exit "
             f"({float(flops32[0]):.6g} GFLOPs), which every sample has to run")
 
+    ratios, thresholds, gflops, top1 = _budget_candidates(
+        calib_conf, calib_correct, flops32, target32, grid_size, bisection_steps, ratio_range)
+    best = min(
+        (i for i, cost in enumerate(gflops) if cost <= target32),
+        key=lambda i: (-top1[i], gflops[i]),
+    )
+    return BudgetThresholds(thresholds[best].clone(), ratios[best], gflops[best], top1[best])
+
+
+def _budget_candidates(
+    calib_conf: Tensor,
+    calib_correct: Tensor,
+    flops32: Tensor,
+    target32: float,
+    grid_size: int,
+    bisection_steps: int,
+    ratio_range: tuple[float, float],
+) -> tuple[list[float], list[Tensor], list[float], list[float]]:
+    """The candidates of :func:`thresholds_for_budget` (steps 1 and 2 and the two extremes):
+    their ratios, thresholds, expected GFLOPs and top-1 on the calibration set."""
+    num_exits = calib_conf.shape[0]
     ratios: list[float] = []
     thresholds: list[Tensor] = []
     gflops: list[float] = []
@@ -458,41 +400,4 @@ def thresholds_for_budget(
                 lo = mid
             else:
                 hi = mid
-
-    best = min(
-        (i for i, cost in enumerate(gflops) if cost <= target32),
-        key=lambda i: (-top1[i], gflops[i]),
-    )
-    return BudgetThresholds(thresholds[best].clone(), ratios[best], gflops[best], top1[best])
-
-
-# ------------------------------------------------------------- original signatures
-
-@torch.no_grad()
-def dynamic_find_threshold(probs: Tensor, targets: Tensor, p: Tensor) -> Tensor:
-    """Original-signature threshold search.
-
-    Args:
-        probs: ``(E, N, C)`` softmax probabilities of every exit.
-        targets: ``(N,)`` labels (unused by the search; kept for the signature).
-        p: ``(E,)`` exit shares, e.g. :func:`budget_exit_shares`.
-
-    Returns:
-        ``(E,)`` float32 thresholds, the last one ``-1e8``.
-    """
-    confidence, _ = probs.max(dim=-1)  # (E, N)
-    return find_thresholds(confidence, p)
-
-
-@torch.no_grad()
-def dynamic_evaluate(probs: Tensor, targets: Tensor, flops: Flops, T: Tensor) -> tuple[float, float]:
-    """Original-signature evaluation: ``(top-1 %, expected GFLOPs)`` of thresholds ``T``.
-
-    Args:
-        probs: ``(E, N, C)`` softmax probabilities of every exit.
-        targets: ``(N,)`` labels.
-        flops: ``E`` cumulative GFLOPs per exit.
-        T: ``(E,)`` thresholds.
-    """
-    confidence, correct = exit_stats(probs, targets)
-    return evaluate_thresholds(confidence, correct, flops, T)
+    return ratios, thresholds, gflops, top1

@@ -1,21 +1,34 @@
-"""ImageFolder datasets with clear errors, and the evaluation / calibration transforms."""
+"""Datasets and loaders: ImageFolder splits with clear errors, the evaluation and calibration
+transforms, seeded subsets, and the samplers that make a run's data order and augmentation a
+function of its seed (see :mod:`utils.rng`)."""
 from __future__ import annotations
 
+import math
 import os
+import random
+import signal
+import weakref
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
-from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
+from .cifar import CIFAR_MEAN, CIFAR_STD
+from .distributed import DistEnv
+from .errors import DataError
+from .images import load_rgb  # noqa: F401  (any PIL mode to RGB; errors name the file)
+from .rng import STREAM_CALIB_SAMPLES, STREAM_ORDER, STREAM_TRAIN_SAMPLES, derive_seed
+from .scan import IMG_EXTENSIONS, list_classes, scan_image_folder
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be used: missing folders, no images, unreadable files."""
+# The calibration seed main.py's release step and inference.py share by default, so that the
+# same weights get the same thresholds from both.
+CALIB_SEED = 0
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
@@ -32,24 +45,27 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     return path
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, or raise a DataError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-
-
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder with errors that name the folder or file at fault."""
+    """torchvision's ImageFolder with errors that name the folder or file at fault, listed by
+    :func:`utils.scan.scan_image_folder` (the same classes and order; symbolic-link loops,
+    hidden and AppleDouble files are harmless, long listings report progress)."""
 
     def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None):
         try:
             super().__init__(str(root), transform=transform, loader=load_rgb)
         except FileNotFoundError as e:
             raise DataError(f"no usable images in {root}: {e}") from None
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = list_classes(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        listed = scan_image_folder(directory, extensions or IMG_EXTENSIONS)
+        if listed.class_to_idx != class_to_idx:
+            raise DataError(f"the class folders of {directory} changed while it was being listed")
+        return listed.samples
 
 
 def eval_transform(img_size: int = 224, crop_pct: float = 0.875,
@@ -86,3 +102,161 @@ def seeded_subset(dataset: torch.utils.data.Dataset, size: int, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(n, generator=g)[:size].sort().values
     return torch.utils.data.Subset(dataset, index.tolist())
+
+
+def default_mean_std(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet statistics for image folders, CIFAR statistics for CIFAR (as T2T-ViT's transfer script)."""
+    if dataset.startswith("cifar"):
+        return CIFAR_MEAN, CIFAR_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+class SeededDataset(Dataset):
+    """A dataset whose random transforms depend only on (seed, stream, epoch, index).
+
+    Items are requested with keys ``(epoch, index)`` (a bare ``index`` means epoch 0), as
+    :class:`EpochSampler` yields them. Around each item the global Python, numpy and torch
+    CPU generators (which torchvision and timm transforms draw from) are seeded from the
+    key and then restored, so the caller's random streams are untouched and the same sample
+    gets the same augmentation in any process, worker or resumed run.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, stream: int = STREAM_TRAIN_SAMPLES) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        seed = derive_seed(self.seed, self.stream, epoch, index)
+        saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.random.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.random.default_generator.set_state(saved[2])
+
+
+def calibration_subset(dataset: Dataset, size: int, seed: int = CALIB_SEED) -> SeededDataset:
+    """The images thresholds are fitted on: ``size`` samples of ``dataset`` drawn with ``seed``,
+    each augmented with random generators seeded from (seed, its index), so that every tool,
+    batch size and number of workers or processes sees the same calibration set."""
+    return SeededDataset(seeded_subset(dataset, size, seed), seed, STREAM_CALIB_SAMPLES)
+
+
+class EpochSampler(Sampler):
+    """This rank's share of one training epoch, as ``(epoch, index)`` keys.
+
+    The order is a permutation seeded from (seed, epoch), dealt round-robin to the ranks
+    (padded by wrapping around, as ``DistributedSampler``). With ``repeats > 1`` every index is
+    repeated that many times before dealing (DeiT's repeated augmentation: the copies go to
+    different ranks) and each rank keeps ``len // world_size`` keys, so an epoch still visits
+    about ``len`` samples. ``set_epoch(epoch, start)`` skips the first ``start`` keys, to resume
+    in the middle of an epoch.
+    """
+
+    def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, repeats: int = 1) -> None:
+        if num_samples < 1:
+            raise DataError("the training set is empty")
+        self.n = num_samples
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.repeats = max(1, repeats)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    @property
+    def per_rank(self) -> int:
+        """Keys per rank in a whole epoch."""
+        if self.repeats > 1:
+            return self.n // self.world_size
+        return math.ceil(self.n / self.world_size)
+
+    def indices(self) -> list[int]:
+        """This rank's indices of the whole epoch."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_ORDER, self.epoch))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        if self.repeats > 1:
+            order = order.repeat_interleave(self.repeats)
+        total = math.ceil(len(order) / self.world_size) * self.world_size
+        if total > len(order):
+            order = order.repeat(math.ceil(total / len(order)))[:total]
+        return order[self.rank::self.world_size][:self.per_rank].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices()[self.start:]:
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start, 0)
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world_size, ...``: every sample exactly once over all ranks
+    (no padding, so reduced metrics are exact)."""
+
+    def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0) -> None:
+        self.n, self.world_size, self.rank = num_samples, world_size, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the training process: a worker killed by the
+    signal (Slurm and Ctrl-C signal every process) would make the loader fail before the
+    training process could save its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+_OPEN_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+def close_loaders() -> None:
+    """Stop the workers of every loader still open. A run that ends by an exception may leave
+    a loader alive until the interpreter exits, which then terminates the workers with SIGTERM
+    and waits for them; the workers ignore SIGTERM (:func:`_ignore_stop_signals`), so the
+    process would never end. Shutting them down here ends them through their own queue."""
+    for loader in list(_OPEN_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        loader._iterator = None
+    _OPEN_LOADERS.clear()
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, env: DistEnv,
+                drop_last: bool = False, persistent: bool = True, pin_memory: Optional[bool] = None,
+                collate_fn: Optional[Callable] = None) -> DataLoader:
+    """A DataLoader that takes nothing from the global RNGs (its own seeded generator).
+    Workers persist across epochs: the epoch travels in the sampler's keys. ``collate_fn``:
+    see :func:`utils.images.loader_collate` (the bad-image policy)."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=env.device.type == "cuda" if pin_memory is None else pin_memory,
+        persistent_workers=persistent and workers > 0, generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None, collate_fn=collate_fn)
+    if workers > 0:
+        _OPEN_LOADERS.add(loader)
+    return loader

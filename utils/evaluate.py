@@ -1,14 +1,13 @@
-"""Evaluation engine: per-exit statistics over a dataset, and released-format checkpoints."""
+"""Per-exit statistics over a dataset: the confidence and correctness of every exit per sample,
+the compact summary the threshold search (:mod:`utils.budget`) works from."""
 from __future__ import annotations
 
 import contextlib
 from typing import Iterable, Optional, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
-
-from .budget import DEFAULT_BUDGETS, ExitStatsAccumulator, anytime_accuracy, budget_curve
-from .checkpoint import unwrap_model
 
 
 def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -16,6 +15,78 @@ def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def exit_stats(probs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Compact per-sample summary of the exits' softmax outputs.
+
+    Args:
+        probs: ``(E, N, C)`` softmax probabilities of every exit.
+        targets: ``(N,)`` integer class labels.
+
+    Returns:
+        ``confidence``: ``(E, N)`` float32, the max probability of every exit;
+        ``correct``: ``(E, N)`` bool, whether that exit's arg-max is the label.
+        Both on the device of ``probs``.
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be (exits, N, classes), got shape {tuple(probs.shape)}")
+    confidence, prediction = probs.max(dim=-1)  # (E, N), (E, N)
+    correct = prediction == targets.to(prediction.device).view(1, -1)  # (E, N)
+    return confidence.to(torch.float32), correct
+
+
+class ExitStatsAccumulator:
+    """Collects :func:`exit_stats` batch by batch, keeping only ``(E, B)`` CPU tensors.
+
+    Example::
+
+        acc = ExitStatsAccumulator()
+        for images, targets in loader:
+            acc.update(model(images), targets)  # model returns one (B, C) logit tensor per exit
+        confidence, correct = acc.result()      # (E, N), (E, N)
+    """
+
+    def __init__(self) -> None:
+        self._confidence: list[Tensor] = []
+        self._correct: list[Tensor] = []
+        self.num_samples = 0
+
+    @torch.no_grad()
+    def update(self, logits_per_exit: Sequence[Tensor], targets: Tensor) -> None:
+        """Add one batch.
+
+        Args:
+            logits_per_exit: one ``(B, C)`` logit tensor per exit (or a stacked
+                ``(E, B, C)`` tensor); the softmax is taken in float32.
+            targets: ``(B,)`` integer labels.
+        """
+        logits = torch.stack([torch.as_tensor(x) for x in logits_per_exit])  # (E, B, C)
+        probs = torch.softmax(logits.to(torch.float32), dim=-1)
+        confidence, correct = exit_stats(probs, targets)  # (E, B), (E, B)
+        if self._confidence and confidence.shape[0] != self._confidence[0].shape[0]:
+            raise ValueError(
+                f"got {confidence.shape[0]} exits, earlier batches had {self._confidence[0].shape[0]}")
+        self._confidence.append(confidence.cpu())
+        self._correct.append(correct.cpu())
+        self.num_samples += confidence.shape[1]
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(confidence, correct)`` of all samples so far, ``(E, N)`` each, in update order."""
+        if not self._confidence:
+            raise ValueError("no batch was added")
+        return torch.cat(self._confidence, dim=1), torch.cat(self._correct, dim=1)
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored summaries."""
+        return sum(t.numel() * t.element_size() for t in self._confidence + self._correct)
+
+
+def anytime_accuracy(correct: Tensor) -> list[float]:
+    """Top-1 accuracy (%) of every exit when all samples run it: ``(E, N)`` bool -> E floats."""
+    n = correct.shape[1]
+    return [hits * 100.0 / n for hits in correct.sum(dim=1).tolist()]
 
 
 @torch.no_grad()
@@ -41,40 +112,3 @@ def collect_exit_stats(
             logits = model(images)
         acc.update(logits, targets.to(device))
     return acc.result()
-
-
-def released_checkpoint(
-        model: torch.nn.Module,
-        flops: Sequence[float],
-        val_stats: tuple[torch.Tensor, torch.Tensor],
-        calib_stats: tuple[torch.Tensor, torch.Tensor],
-        budgets: Sequence[int] = DEFAULT_BUDGETS,
-        extra: Optional[dict] = None,
-) -> dict:
-    """The checkpoint layout of the released DVT models.
-
-    ``model_state_dict`` (the original key layout for three-exit cascades, so the original
-    evaluation code reads it too), ``flops``, ``anytime_classification`` on the validation
-    set, ``dynamic_threshold`` (budgets x exits, searched on the calibration set) and
-    ``budgeted_batch_classification`` ([GFLOPs list, top-1 % list] on the validation set).
-    ``model_name`` and ``model_kwargs`` let the model be rebuilt from the file alone.
-    """
-    from models.dvt import to_original_state_dict
-
-    plain = unwrap_model(model)
-    state_dict = {k: v.detach().cpu() for k, v in plain.state_dict().items()}
-    if len(plain.stages) == 3:
-        state_dict = to_original_state_dict(state_dict)
-    val_conf, val_correct = val_stats
-    thresholds, curve = budget_curve(val_conf, val_correct, flops, calib_conf=calib_stats[0], budgets=budgets)
-    checkpoint = {
-        "model_state_dict": state_dict,
-        "flops": [float(f) for f in flops],
-        "anytime_classification": anytime_accuracy(val_correct),
-        "dynamic_threshold": thresholds,
-        "budgeted_batch_classification": curve,
-        "model_name": getattr(plain, "model_name", None),
-        "model_kwargs": dict(getattr(plain, "model_kwargs", {})),
-    }
-    checkpoint.update(extra or {})
-    return checkpoint

@@ -1,0 +1,169 @@
+"""Single-exit timm classifiers as one-exit cascades, so that the training and evaluation
+pipeline of the cascades runs baselines unchanged (``deit_small_patch16_224``,
+``vit_base_patch32_224``, ...): one tuple of logits per forward, one exit, one "stage".
+
+``create_cascade(name, **kwargs)`` builds a registered DVT cascade or wraps any other timm
+model. The wrapped network is ``stages[0]``; its state dict carries the timm model's own keys
+(no prefix), so a checkpoint of a baseline also loads into the plain timm model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+
+from .dvt import EarlyExitOutput
+from .registry import MODEL_CFGS, build_dvt
+
+__all__ = ["SingleExit", "create_cascade", "is_cascade_name", "is_single_exit"]
+
+_PREFIX = "stages.0."
+
+
+def _prefixed(pattern: str) -> str:
+    """A parameter-name regex of the wrapped network -> the same regex for the wrapper."""
+    return rf"^{re.escape(_PREFIX)}(?:{pattern.removeprefix('^')})"
+
+
+class SingleExit(nn.Module):
+    """A timm classifier seen as a cascade with one exit.
+
+    Args:
+        net: a timm classification model (``num_classes``, ``forward_features``, ``forward_head``).
+        img_size: its input resolution.
+    """
+
+    def __init__(self, net: nn.Module, img_size: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([net])
+        self.img_size = img_size
+        self.num_classes = net.num_classes
+        self.num_features = getattr(net, "num_features", None)
+        self.pretrained_cfg = dict(getattr(net, "pretrained_cfg", {}))
+        self.grids: tuple[int, ...] = ()
+        self.register_state_dict_post_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+
+    @property
+    def num_exits(self) -> int:
+        return 1
+
+    @property
+    def net(self) -> nn.Module:
+        return self.stages[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        """Images (B, 3, H, W) -> a one-element tuple of (B, num_classes) logits."""
+        return (self.net(x),)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.net.forward_features(x),)
+
+    def forward_head(self, features: Sequence[torch.Tensor], pre_logits: bool = False) -> tuple[torch.Tensor]:
+        return (self.net.forward_head(features[0], pre_logits=pre_logits),)
+
+    @torch.no_grad()
+    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor) -> EarlyExitOutput:
+        """Every sample leaves at the only exit (the threshold is not read)."""
+        if len(thresholds) != 1:
+            raise ValueError(f"expected 1 threshold, got {len(thresholds)}")
+        logits = self.net(x)
+        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        return EarlyExitOutput(logits, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), confidence)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        names = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
+        return {_PREFIX + n for n in names}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The wrapped network's parameter groups (layer-wise learning-rate decay)."""
+        matcher = self.net.group_matcher(coarse=coarse)
+        out: dict[str, Any] = {}
+        for group, spec in matcher.items():
+            if isinstance(spec, str):
+                out[group] = _prefixed(spec)
+            elif spec is not None:
+                out[group] = [(_prefixed(pattern), suffix) for pattern, suffix in spec]
+        return out
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.net.set_grad_checkpointing(enable)
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is None:
+            self.net.reset_classifier(num_classes)
+        else:
+            self.net.reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+
+
+def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: ``stages.0.<key>`` -> ``<key>``, the wrapped model's own names."""
+    full = prefix + _PREFIX
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    items = [(prefix + k[len(full):] if k.startswith(full) else k, state_dict.pop(k)) for k in keys]
+    state_dict.update(items)
+
+
+def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """Load-time hook: the wrapped model's names (with or without ``module.``) -> ``stages.0.<key>``."""
+    full = prefix + _PREFIX
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(full)]:
+        rest = key[len(prefix):]
+        for wrapper in ("module.", "_orig_mod."):
+            rest = rest.removeprefix(wrapper)
+        state_dict[full + rest.removeprefix(_PREFIX)] = state_dict.pop(key)
+
+
+_SWITCHES = ("feature_reuse", "relation_reuse")
+
+
+def is_cascade_name(name: str) -> bool:
+    """Whether ``name`` is a registered DVT cascade or a timm model usable as a baseline."""
+    return name in MODEL_CFGS or timm.is_model(name)
+
+
+def is_single_exit(name: str) -> bool:
+    """Whether the timm model ``name`` is a plain classifier (wrapped as a baseline) rather than
+    a cascade registered under another name; built on the meta device, so it costs no memory."""
+    if name in MODEL_CFGS:
+        return False
+    with torch.device("meta"):
+        return not hasattr(timm.create_model(name), "num_exits")
+
+
+def create_cascade(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """A registered DVT cascade by name, or any other timm classifier as a :class:`SingleExit`.
+
+    Args:
+        name: a DVT model (``DVT_T2t_vit_12``, ...) or a timm model (``deit_small_patch16_224``, ...).
+        pretrained: as in ``timm.create_model``.
+        kwargs: constructor arguments. For a baseline, ``feature_reuse`` and ``relation_reuse``
+            (switches of the cascades) must be absent or true.
+    """
+    if name in MODEL_CFGS:
+        return build_dvt(name, pretrained, **kwargs)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: neither a DVT model ({', '.join(MODEL_CFGS)}) nor a timm model")
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+    switches = {k: kwargs.pop(k) for k in _SWITCHES if k in kwargs}
+    net = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if hasattr(net, "num_exits"):  # a cascade registered under another name: it takes the switches
+        return timm.create_model(name, pretrained=pretrained, **kwargs, **switches) if switches else net
+    for switch, value in switches.items():
+        if value is not True:
+            raise ValueError(f"{name} is a single-exit model: it has no {switch.replace('_', ' ')} to switch off")
+    size = kwargs.get("img_size") or net.pretrained_cfg["input_size"][-1]
+    model = SingleExit(net, int(size if isinstance(size, int) else size[-1]))
+    model.model_name = name
+    model.model_kwargs = model_kwargs
+    return model

@@ -1,0 +1,122 @@
+"""Compiled and exported cascades: one graph per stage for every batch size, no graph breaks,
+the eager results, and real early exit from exported stage programs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import inference
+import main as train_main
+import models
+from fake_data import make_image_folder
+from models.deploy import CompiledCascade, export_stages, load_stages, save_stages
+from models.dvt import run_early_exit, to_original_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = 32
+
+
+def small_cascade(seed: int = 0) -> models.DVT:
+    """DVT_tiny with one block per stage at 32 pixels, heads scaled so confidences spread out."""
+    torch.manual_seed(seed)
+    model = models.build_dvt("DVT_tiny", img_size=IMG, depth=1, num_classes=5)
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.mul_(30.0)
+    return model.eval()
+
+
+def spread_thresholds(model: models.DVT, x: torch.Tensor) -> torch.Tensor:
+    """Thresholds that send about a third of ``x`` out at each exit."""
+    with torch.no_grad():
+        conf = torch.stack(model(x)).float().softmax(-1).amax(-1)  # (E, B)
+    return torch.tensor([conf[0].quantile(0.66).item(), conf[1].quantile(0.5).item(), -1e8])
+
+
+@pytest.mark.slow
+def test_compiled_stages_one_graph_each_and_eager_results():
+    """torch.compile (graph capture checked with the eager backend, which compiles nothing):
+    the all-exit forward is one graph for batches 4, 3 and 6; each early-exit stage is one
+    graph, without breaks, whatever number of samples reaches it; results equal eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = small_cascade()
+    cascade = CompiledCascade(model, backend="eager")
+    with torch.no_grad():
+        for b in (4, 3, 6):
+            x = torch.randn(b, 3, IMG, IMG)
+            for got, want in zip(cascade(x), model(x)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] == 1
+        x = torch.randn(12, 3, IMG, IMG)
+        thresholds = spread_thresholds(model, x)
+        for xs in (x, x[:9]):
+            got, want = cascade.forward_early_exit(xs, thresholds), model.forward_early_exit(xs, thresholds)
+            assert torch.equal(got.exit_index, want.exit_index)
+            torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+        assert set(got.exit_index.tolist()) == {0, 1, 2}
+    assert counters["stats"]["unique_graphs"] == 1 + model.num_exits
+    assert not counters["graph_break"]
+
+
+def test_exported_stages_run_early_exit(tmp_path):
+    """torch.export of every stage with a dynamic batch, saved and loaded back: real early
+    exit from the programs alone gives the eager model's exits and logits, at any batch size."""
+    model = small_cascade(1)
+    x = torch.randn(10, 3, IMG, IMG)
+    thresholds = spread_thresholds(model, x)
+    paths = save_stages(export_stages(model, x[:2]), tmp_path)
+    assert [p.name for p in paths] == ["stage0.pt2", "stage1.pt2", "stage2.pt2"]
+    steps = load_stages(tmp_path)
+    with torch.no_grad():
+        for xs in (x, x[:1], x[3:8]):
+            got, want = run_early_exit(steps, xs, thresholds), model.forward_early_exit(xs, thresholds)
+            assert torch.equal(got.exit_index, want.exit_index)
+            torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+            torch.testing.assert_close(got.confidence, want.confidence, rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError):
+        load_stages(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_cascade_matches_eager():
+    """The default backend (inductor): all exits and real early exit within 1e-4 of eager."""
+    torch._dynamo.reset()
+    model = small_cascade(2)
+    cascade = CompiledCascade(model)
+    x = torch.randn(8, 3, IMG, IMG)
+    thresholds = spread_thresholds(model, x)
+    with torch.no_grad():
+        for xs in (x, x[:5]):
+            for got, want in zip(cascade(xs), model(xs)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            got, want = cascade.forward_early_exit(xs, thresholds), model.forward_early_exit(xs, thresholds)
+            assert torch.equal(got.exit_index, want.exit_index)
+            torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_flags_train_and_evaluate(tmp_path, capsys):
+    """main.py --compile trains (checkpoint keys unchanged); inference.py --compile --early_exit
+    gives the simulated exits."""
+    data = make_image_folder(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=4)
+    args = [str(data), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--device", "cpu", "--output",
+            str(tmp_path / "out"), "--experiment", "c", "--epochs", "1", "--no-release", "--compile"]
+    assert train_main.main(args) == 0
+    last = torch.load(tmp_path / "out" / "train" / "c" / "last.pth.tar", map_location="cpu", weights_only=False)
+    assert not any("_orig_mod" in k for k in last["model"])
+    ckpt = tmp_path / "tiny.pth.tar"
+    torch.manual_seed(3)
+    tiny = models.build_dvt("DVT_tiny", img_size=IMG, num_classes=3)
+    torch.save({"model_state_dict": to_original_state_dict(tiny.state_dict())}, ckpt)
+    code = inference.main(["--data_url", f"{data}/", "--checkpoint_path", str(ckpt), "--eval_mode", "2",
+                           "--model", "DVT_tiny", "--img_size", str(IMG),
+                           "--batch_size", "4", "--workers", "0", "--device", "cpu", "--calib_size", "6",
+                           "--calib_transform", "eval", "--early_exit", "--budget_index", "20", "--compile",
+                           "--no_progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "12/12 exits and 12/12 predictions as simulated" in out
