@@ -63,6 +63,7 @@ from utils.errors import CheckpointError, DataError
 from utils.evaluate import ExitStatsAccumulator, anytime_accuracy, autocast_context, collect_exit_stats
 from utils.flops import exit_gflops
 from utils.image_stream import check_sources
+from utils.interrupt import quiet_lost_main_process
 from utils.labels import LABEL_TYPES
 from utils.plots import OperatingPoint, plot_accuracy_vs_gflops
 from utils.preflight import check_output_folder, check_writable_file
@@ -253,6 +254,7 @@ def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
     """Ctrl-C signals every process of the terminal: the loader workers ignore it, so only the
     main process reports it, in one line."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_lost_main_process()
 
 
 class CtrlC:

@@ -2,7 +2,6 @@
 --layer-decay and --model-kwargs, and the MindSpore-recipe configs."""
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import timm
 import torch
 
 import inference
+from test_inference import RESULT_KEYS as RESULT_LINES, printed_results as results
 import main as train_main
 from fake_data import make_image_folder
 from models.baseline import SingleExit, create_cascade
@@ -21,15 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2"]
 VIT_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
-RESULT_LINES = ("flops", "anytime_classification", "budgeted_batch_classification")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +34,6 @@ def image_data(tmp_path_factory) -> Path:
 def train_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
     return [str(data), "--config", TINY, "--device", "cpu", "--output", str(out), "--experiment", name,
             "--epochs", "1", "--calib-size", "16", *extra]
-
-
-def results(text: str) -> dict:
-    out = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition(" : ")
-        if sep and name in RESULT_LINES:
-            out[name] = ast.literal_eval(value)
-    assert set(out) == set(RESULT_LINES), text
-    return out
 
 
 def test_single_exit_wrapper_keeps_timm_keys_and_outputs():

@@ -28,13 +28,7 @@ import visualize_exits  # noqa: E402
 SMALL = dict(num_classes=3, train_per_class=6, val_per_class=5, img_size=32, seed=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tree_digest(root: Path) -> dict[str, str]:

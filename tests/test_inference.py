@@ -80,14 +80,7 @@ def original_anytime(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is as fast, and spares a shared machine the
-    oversubscription that makes multi-threaded runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_image_folder(root: Path, seed: int) -> Path:

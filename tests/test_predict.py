@@ -37,12 +37,7 @@ SIZES = ((40, 30), (36, 36), (30, 50), (64, 48))  # (width, height); the transfo
 FLOPS = [0.01, 0.03, 0.07]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_classes: int = len(CLASSES), seed: int = 0) -> models.DVT:

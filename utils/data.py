@@ -21,6 +21,7 @@ from .cifar import CIFAR_MEAN, CIFAR_STD
 from .distributed import DistEnv
 from .errors import DataError
 from .images import load_rgb  # noqa: F401  (any PIL mode to RGB; errors name the file)
+from .interrupt import quiet_lost_main_process
 from .rng import STREAM_CALIB_SAMPLES, STREAM_ORDER, STREAM_TRAIN_SAMPLES, derive_seed
 from .scan import IMG_EXTENSIONS, list_classes, scan_image_folder
 
@@ -228,6 +229,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
     training process could save its checkpoint."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    quiet_lost_main_process()
 
 
 _OPEN_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()

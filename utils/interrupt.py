@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from typing import Iterator, Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -42,3 +43,21 @@ def signals_raise(pending: Optional[int] = None) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def quiet_lost_main_process() -> None:
+    """In a loader worker: stay silent when the main process has gone.
+
+    A worker hands tensors to the main process through a helper thread; when Ctrl-C or a
+    stop ends the main process while that thread is serving, the broken connection surfaces
+    as a traceback printed by the worker, after the command's own one-line message. Errors of
+    the worker's real work travel to the main process through the loader, not through this
+    hook, so only the lost connections (``OSError``, ``EOFError``) are dropped here.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:
+        if not issubclass(exc_type, (OSError, EOFError)):
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
