@@ -325,9 +325,8 @@ def early_exit_vs_baseline(args: argparse.Namespace, device: torch.device, dtype
             flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
             shares = budget_exit_shares(args.budget_index, model.num_exits)
             xd = x.to(DTYPES[d])
-            with torch.inference_mode():  # seeded random weights: fitted on the timed batch itself, to get the shares
-                conf = torch.stack(model(xd)).float().softmax(-1).amax(-1).cpu()
-                thresholds = find_thresholds(conf, shares[None])[0].to(device)
+            thresholds = fitted_thresholds(model, xd, args.budget_index)
+            with torch.inference_mode():
                 exits = model.forward_early_exit(xd, thresholds).exit_index.cpu()
             real = (torch.bincount(exits, minlength=model.num_exits).float() / exits.numel()).tolist()
             gm = sum(s * f for s, f in zip(real, flops))
@@ -337,6 +336,15 @@ def early_exit_vs_baseline(args: argparse.Namespace, device: torch.device, dtype
             print(f"| {name} | {d} | {' / '.join(f'{s:.2f}' for s in shares.tolist())} ; "
                   f"{' / '.join(f'{s:.2f}' for s in real)} | {gm:.2f} | {ips['early']:.1f} | {ips['all']:.1f} | "
                   f"{ips['base']:.1f} | {ips['early'] / ips['base']:.2f}x | {base_gmacs / gm:.2f}x |")
+
+
+def fitted_thresholds(model: torch.nn.Module, images: torch.Tensor, budget_index: int) -> torch.Tensor:
+    """Thresholds that give budget row ``budget_index``'s exit shares on ``images`` themselves:
+    the weights are seeded random, so thresholds fitted elsewhere would not carry over."""
+    shares = budget_exit_shares(budget_index, model.num_exits)
+    with torch.inference_mode():
+        conf = torch.stack(model(images)).float().softmax(-1).amax(-1).cpu()
+    return find_thresholds(conf, shares[None])[0].to(images.device)
 
 
 def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
@@ -349,10 +357,8 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
         for d in dtypes:
             model = build(name, args.img_size, device, DTYPES[d])
             images = torch.randn(args.latency, 3, args.img_size, args.img_size, generator=gen).to(device)
-            shares = budget_exit_shares(args.budget_index, model.num_exits)
+            thresholds = fitted_thresholds(model, images, args.budget_index)
             with torch.inference_mode():
-                conf = torch.stack(model(images)).float().softmax(-1).amax(-1).cpu()
-                thresholds = find_thresholds(conf, shares[None])[0].to(device)
                 model.forward_early_exit(images[:1], thresholds)
                 early, full, exits = [], [], []
                 for i in range(args.latency):
@@ -379,11 +385,9 @@ def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequ
         for d in dtypes:
             model = build(name, args.img_size, device, DTYPES[d])
             x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device, DTYPES[d])
-            shares = budget_exit_shares(args.budget_index, model.num_exits)
+            thresholds = fitted_thresholds(model, x, args.budget_index)
             cascade = CompiledCascade(model)
             with torch.inference_mode():
-                conf = torch.stack(model(x)).float().softmax(-1).amax(-1).cpu()
-                thresholds = find_thresholds(conf, shares[None])[0].to(device)
                 start = time.perf_counter()
                 compiled_all = cascade(x)
                 t_all = time.perf_counter() - start
