@@ -56,6 +56,7 @@ from utils.flops import counting_copy, exit_gflops  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small"]
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -80,9 +81,12 @@ def machine_description(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     flags = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+    # Instruction-set caps (torch's own kernels, oneDNN, MKL): with all three at AVX2 an AVX-512
+    # CPU runs the code an AVX2-only CPU runs.
+    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k)]
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(flags) or '-'}; "
-            f"{versions}")
+            f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(flags) or '-'}"
+            f"{', capped by ' + ' '.join(caps) if caps else ''}; {versions}")
 
 
 def sync(device: torch.device) -> None:

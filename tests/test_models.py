@@ -239,18 +239,87 @@ def test_fused_and_manual_attention_agree():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_relation_reuse_batched_and_per_sample_agree():
-    """The CPU default (one sample at a time) and the accelerator default (whole batch)."""
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_relation_reuse_batched_and_per_sample_agree(chunk):
+    """The CPU default (one sample at a time, written into one output), uneven chunks, and
+    the accelerator default (whole batch)."""
     torch.manual_seed(0)
     model = small_t2t().eval()
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         per_sample = model(x)
         for stage in model.stages:
-            stage.relation_chunk = 64
+            stage.relation_chunk = chunk
         batched = model(x)
     for a, b in zip(per_sample, batched):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_splits_are_the_unfolds(dtype):
+    """The strided-view soft splits hold exactly nn.Unfold's values: the image split in its
+    order, the token-map split in (row, column, channel) order."""
+    from models.dvt import channels_last_order, image_patches, token_patches
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224).to(dtype)
+    for kernel, stride, padding in ((7, 4, 2), (11, 6, 5), (14, 8, 3)):
+        ref = F.unfold(images, kernel, padding=padding, stride=stride).transpose(1, 2)
+        assert torch.equal(image_patches(images, kernel, stride, padding), ref)
+    for grid in (56, 38, 28, 19, 14, 7):
+        tokens = torch.randn(2, grid * grid, 64).to(dtype)
+        ref = F.unfold(tokens.transpose(1, 2).reshape(2, 64, grid, grid), 3, padding=1, stride=2).transpose(1, 2)
+        perm = channels_last_order(64, 9, tokens.device)
+        assert torch.equal(token_patches(tokens, grid), ref[..., perm])
+
+
+def test_t2t_embedding_matches_the_unfold_formulation():
+    """The T2T embedding with permuted weights gives what unfold -> Performer -> unfold ->
+    Performer -> unfold -> linear gives with the parameters as stored."""
+    torch.manual_seed(0)
+    embed = small_t2t().stages[1].tokens_to_token.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        g0, g1, _ = embed.grids
+        y = embed.attention1(embed.soft_split0(x).transpose(1, 2))
+        y = embed.attention2(embed.soft_split1(y.transpose(1, 2).reshape(2, -1, g0, g0)).transpose(1, 2))
+        ref = embed.project(embed.soft_split2(y.transpose(1, 2).reshape(2, -1, g1, g1)).transpose(1, 2))
+        torch.testing.assert_close(embed(x), ref, rtol=0, atol=2e-5)
+
+
+def test_t2t_embedding_in_chunks_equals_the_whole_batch():
+    """CPU inference embeds a few images per call; training takes the whole batch; the
+    results agree either way."""
+    import models.dvt as dvt
+    torch.manual_seed(0)
+    stage = small_t2t().stages[2].eval()
+    x = torch.randn(5, 3, 224, 224)
+    per_image = stage.tokens_to_token.grids[0] ** 2 * 192 * 4  # 56 x 56 tokens, kqv width 3 x 64, float32
+    assert stage._embed_chunk(x) == 5  # gradients on: whole batch
+    with torch.no_grad():
+        assert stage._embed_chunk(x) == dvt.T2T_CHUNK_BYTES // per_image
+        whole = stage.tokens_to_token(x)
+        stage.embed_chunk = 2
+        torch.testing.assert_close(stage.embed(x), whole, rtol=0, atol=1e-5)
+
+
+def test_attention_takes_the_faster_path_on_the_cpu(monkeypatch):
+    """Explicit products in half precision and for short sequences, the fused kernel in
+    float32 from CPU_FUSED_MIN_TOKENS tokens on; fused_attn = False always goes explicit."""
+    from models import layers
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    attn = layers.Attention(64, 2).eval()
+    with torch.no_grad():
+        for tokens, dtype, expect in ((50, torch.float32, 0), (layers.CPU_FUSED_MIN_TOKENS, torch.float32, 1),
+                                      (197, torch.bfloat16, 0), (197, torch.float16, 0)):
+            calls.clear()
+            out, _ = attn.to(dtype)(torch.randn(2, tokens, 64).to(dtype))
+            assert len(calls) == expect and out.dtype == dtype, (tokens, dtype)
+        attn.float().fused_attn = False
+        calls.clear()
+        attn(torch.randn(2, 197, 64))
+        assert not calls
 
 
 def test_bf16_autocast_close_to_float32():
