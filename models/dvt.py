@@ -159,6 +159,10 @@ class DVTStage(nn.Module):
             chunk = 1 if r0.device.type == "cpu" and not (torch.is_grad_enabled() and r0.requires_grad) else B
         if torch.compiler.is_compiling() or chunk >= B:  # compiled: one graph for every batch size, no loop
             out = self._relation_step(torch.cat(tuple(relations), dim=1))
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (relations[0], self.resample.token_matrix,
+                                                                       self.relation_reuse_conv[0].weight)):
+            parts = [torch.cat([r[i:i + chunk] for r in relations], dim=1) for i in range(0, B, chunk)]
+            out = torch.cat([self._relation_step(p) for p in parts])  # out= does not record gradients
         else:
             N = self.num_tokens
             out = relations[0].new_empty(B, C, N, N)

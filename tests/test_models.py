@@ -255,6 +255,22 @@ def test_relation_reuse_batched_and_per_sample_agree(chunk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+def test_relation_reuse_in_chunks_trains():
+    """A chunk size set for training gives the gradients of the whole batch."""
+    torch.manual_seed(0)
+    model = small_t2t().eval()  # no dropout: both runs see the same function
+    x = torch.randn(3, 3, 224, 224)
+    grads = []
+    for chunk in (None, 2):
+        for stage in model.stages:
+            stage.relation_chunk = chunk
+        model.zero_grad()
+        sum(out.sum() for out in model(x)).backward()
+        grads.append(model.stages[2].relation_reuse_conv[0].weight.grad.clone())
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_soft_splits_are_the_unfolds(dtype):
     """The strided-view soft splits hold exactly nn.Unfold's values: the image split in its
