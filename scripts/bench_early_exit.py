@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,10 +39,12 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import DVT, build_dvt  # noqa: E402
 from utils.budget import budget_exit_shares, find_thresholds  # noqa: E402
 from utils.flops import exit_gflops  # noqa: E402
+from benchmark import machine_description  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -192,20 +193,6 @@ def profile_stages(model: DVT, batches: Sequence[torch.Tensor], exit_index: torc
     return [min(r[k] for r in stage_runs) for k in range(num_exits)], min(gather_runs)
 
 
-def machine_line(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    text = (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-    if device.type == "cuda":
-        text += f", {torch.cuda.get_device_name(device)}"
-    return text
-
-
 def load_line() -> str:
     try:
         return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -276,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{load_line()} at start")
     for name in devices:
         device = torch.device(name)
-        print(f"machine: {machine_line(device)}")
+        print(f"machine: {machine_description(device)}")
         timings = [bench_model(model, device, args) for model in args.models]
         print_tables(device, timings, args)
     print(f"\n{load_line()} at end (the machine is shared: other processes compete for the cores)")
