@@ -3,6 +3,8 @@
     python scripts/benchmark.py                                     # released models: ours fp32/bf16, timm DeiT-S
     python scripts/benchmark.py --original /path/to/Dynamic-Vision-Transformer   # + the original code, fp32
     python scripts/benchmark.py --models DVT_Deit_small --stages --early-exit --latency 40
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python scripts/benchmark.py --dtypes fp32        # an AVX-512 CPU running the code of an AVX2-only one
 
 Sections (each a markdown table; every row is timed in the same rounds as the others):
 
