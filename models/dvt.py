@@ -421,6 +421,7 @@ class DVT(nn.Module):
         self.feature_reuse = feature_reuse
         self.relation_reuse = relation_reuse
         self.img_size = img_size
+        self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         common = dict(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -510,10 +511,19 @@ class DVT(nn.Module):
     def iter_stages(self, x: torch.Tensor, num_exits: Optional[int] = None) -> Iterator[StageOutput]:
         """Run the first ``num_exits`` stages (all by default), yielding each stage's output."""
         num_exits = self.num_exits if num_exits is None else num_exits
+        self._check_images(x)
         prev = None
         for k in range(num_exits):
             prev = self.stages[k](x, prev, export_relations=self._exports_relations(k))
             yield prev
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        """The stages' token grids and position tables are built for one input size."""
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected images of shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}; "
+                f"this model was built for img_size={self.img_size} (build it with img_size=... for other sizes)")
 
     def _exports_relations(self, k: int) -> bool:
         return k + 1 < self.num_exits and self.stages[k + 1].relation_reuse
@@ -548,6 +558,7 @@ class DVT(nn.Module):
             steps: one callable per stage with the contract of :class:`ExitStep` (default:
                 :meth:`exit_steps`); compiled or exported stages go here.
         """
+        self._check_images(x)
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device)
         if thresholds.shape != (self.num_exits,):
             raise ValueError(f"expected {self.num_exits} thresholds, got shape {tuple(thresholds.shape)}")

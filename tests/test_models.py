@@ -255,6 +255,16 @@ def test_relation_reuse_batched_and_per_sample_agree(chunk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 224, 200), (1, 3, 256, 256), (1, 1, 224, 224), (3, 224, 224)])
+def test_images_of_another_size_are_refused_clearly(shape):
+    model = timm.create_model("DVT_T2t_vit_12", depth=1, num_classes=5).eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, 224, 224\).*img_size=224"):
+            model(torch.zeros(shape))
+        with pytest.raises(ValueError, match="expected images of shape"):
+            model.forward_early_exit(torch.zeros(shape), [0.5, 0.5, 0.0])
+
+
 def test_relation_reuse_in_chunks_trains():
     """A chunk size set for training gives the gradients of the whole batch."""
     torch.manual_seed(0)
