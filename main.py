@@ -680,10 +680,7 @@ def export_only(args: argparse.Namespace, env: DistEnv) -> None:
     check_writable_file(out, "--released-path")
     model, which = model_for_checkpoint(args, checkpoint, str(path), env.device)
     _, val_set, _ = build_datasets(args, model.img_size, train_transform=False)
-    names = list(getattr(val_set, "classes", None) or [])
-    if names:
-        check_checkpoint_classes(checkpoint.get("class_names"), model.num_classes, names, str(path),
-                                 flag="a dataset with the checkpoint's classes")
+    names = _check_dataset_classes(checkpoint, model, val_set, str(path))
     names = checkpoint.get("class_names") or (names if len(names) == model.num_classes else None)
     export_released(model, val_set, calibration_set(args, model.img_size), env, out,
                     args.batch_size * args.validation_batch_size_multiplier, args.workers, _progress(args, env),
@@ -691,11 +688,22 @@ def export_only(args: argparse.Namespace, env: DistEnv) -> None:
     _logger.info(f"wrote {out}")
 
 
+def _check_dataset_classes(checkpoint: dict, model, val_set, source: str) -> list[str]:
+    """The validation set's classes are the checkpoint's (by name when it stores them), or
+    stop before any work; returns the dataset's class names (empty when it has none)."""
+    names = list(getattr(val_set, "classes", None) or [])
+    if names:
+        check_checkpoint_classes(checkpoint.get("class_names"), model.num_classes, names, source,
+                                 flag="a dataset with the checkpoint's classes")
+    return names
+
+
 def eval_only(args: argparse.Namespace, env: DistEnv) -> None:
     """--eval-checkpoint CKPT: per-exit loss and top-1 on the validation set."""
     checkpoint = load_checkpoint_file(args.eval_checkpoint)
     model, which = model_for_checkpoint(args, checkpoint, args.eval_checkpoint, env.device)
     _, val_set, _ = build_datasets(args, model.img_size, train_transform=False)
+    _check_dataset_classes(checkpoint, model, val_set, args.eval_checkpoint)
     amp_dtype, _ = amp_settings(args, env.device)
     loader = make_loader(val_set, ShardSampler(len(val_set), env.world_size, env.rank),
                          args.batch_size * args.validation_batch_size_multiplier, args.workers, env)

@@ -405,6 +405,14 @@ def test_export_released_from_any_checkpoint(tmp_path, image_data, uninterrupted
     assert train_main.main([str(image_data), "--config", TINY, "--device", "cpu", "--eval-checkpoint",
                             str(out)]) == 0
     assert "exit3" in capsys.readouterr().out
+    # the same weights labelled with other classes are refused before any evaluation
+    assert released["class_names"]
+    shifted = dict(released, class_names=list(reversed(released["class_names"])))
+    atomic_save(shifted, tmp_path / "shifted.pth.tar")
+    assert train_main.main([str(image_data), "--config", TINY, "--device", "cpu", "--eval-checkpoint",
+                            str(tmp_path / "shifted.pth.tar")]) == 1
+    out_text, err = capsys.readouterr()
+    assert "trained on other classes" in err and "exit3" not in out_text
 
 
 # ----------------------------------------------------------------------------- CIFAR
