@@ -206,9 +206,17 @@ class OriginalWorker:
 # ---------------------------------------------------------------------------- sections
 
 def build(name: str, img_size: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A seeded model for ``img_size`` inputs. Transformers of timm are built for that size
+    (position tables); models that take no ``img_size`` (convolutional ones) take any size."""
     torch.manual_seed(0)
-    kwargs = {"img_size": img_size} if name.startswith("DVT_") else {}
-    return timm.create_model(name, **kwargs).eval().to(device=device, dtype=dtype)
+    try:
+        model = timm.create_model(name, img_size=img_size)
+    except TypeError:
+        if name.startswith("DVT_"):
+            raise
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+    return model.eval().to(device=device, dtype=dtype)
 
 
 def all_exits(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str],

@@ -490,6 +490,23 @@ def test_plot_of_several_curves(tmp_path):
 
 # -------------------------------------------------------------------------- benchmark
 
+def test_speed_benchmark_runs(capsys):
+    """scripts/benchmark.py: every section, with the machine line and a non-DVT baseline built
+    for the same image size."""
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
+                       "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
+                       "--latency", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
+    for heading in ("### All exits", "stages and reuse paths", "### Real early exit", "### Batch-1 latency"):
+        assert heading in out, heading
+    assert "| deit_tiny_patch16_224 |" in out and "| stage 3 relation reuse |" in out
+
+
 def test_early_exit_benchmark_runs(capsys):
     spec = importlib.util.spec_from_file_location("bench_early_exit", ROOT / "scripts" / "bench_early_exit.py")
     bench = importlib.util.module_from_spec(spec)
