@@ -159,8 +159,7 @@ class DVTStage(nn.Module):
             chunk = 1 if r0.device.type == "cpu" and not (torch.is_grad_enabled() and r0.requires_grad) else B
         if torch.compiler.is_compiling() or chunk >= B:  # compiled: one graph for every batch size, no loop
             out = self._relation_step(torch.cat(tuple(relations), dim=1))
-        elif torch.is_grad_enabled() and any(t.requires_grad for t in (relations[0], self.resample.token_matrix,
-                                                                       self.relation_reuse_conv[0].weight)):
+        elif torch.is_grad_enabled() and (relations[0].requires_grad or self.relation_reuse_conv[0].weight.requires_grad):
             parts = [torch.cat([r[i:i + chunk] for r in relations], dim=1) for i in range(0, B, chunk)]
             out = torch.cat([self._relation_step(p) for p in parts])  # out= does not record gradients
         else:
@@ -239,7 +238,7 @@ class T2TEmbed(nn.Module):
     then a linear projection.
 
     The soft splits are taken as strided views and copied once, not through ``nn.Unfold``
-    (im2col, then a transposed copy: 5-10x slower here). The image split keeps
+    (im2col, then a transposed copy: 5-11x slower here). The image split keeps
     ``nn.Unfold``'s channel order (channel, row, column); the splits of the token maps are laid
     out (row, column, channel), so that each patch position's channels are one contiguous run,
     and the layers that read them (the Performer's ``norm1`` and ``kqv``, ``project``) take
@@ -260,15 +259,21 @@ class T2TEmbed(nn.Module):
         g0 = unfold_grid(img_size, kernel, stride, padding)
         g1 = unfold_grid(g0, 3, 2, 1)
         self.grids = (g0, g1, unfold_grid(g1, 3, 2, 1))
-        self.geometry = (kernel, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g0, g1, _ = self.grids
-        x = self.attention1(image_patches(x, *self.geometry))  # (B, g0*g0, token_dim)
-        perm = channels_last_order(x.shape[-1], 9, x.device)
-        x = self.attention2(token_patches(x, g0), perm)  # (B, g1*g1, token_dim)
-        p = token_patches(x, g1)  # (B, g2*g2, 9 * token_dim)
+        x = self.attention1(image_patches(x, *_unfold_geometry(self.soft_split0)))  # (B, g0*g0, token_dim)
+        k1, s1, p1 = _unfold_geometry(self.soft_split1)
+        perm = channels_last_order(x.shape[-1], k1 * k1, x.device)
+        x = self.attention2(token_patches(x, g0, k1, s1, p1), perm)  # (B, g1*g1, token_dim)
+        p = token_patches(x, g1, *_unfold_geometry(self.soft_split2))  # (B, g2*g2, 9 * token_dim)
+        # soft_split2 cuts the same 3x3 patches of token_dim channels as soft_split1: same order
         return F.linear(p, self.project.weight[:, perm], self.project.bias)  # (B, g2*g2, embed_dim)
+
+
+def _unfold_geometry(unfold: nn.Unfold) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a square ``nn.Unfold``: the soft splits keep their geometry there."""
+    return unfold.kernel_size, unfold.stride, unfold.padding
 
 
 def image_patches(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
@@ -279,7 +284,7 @@ def image_patches(x: torch.Tensor, kernel: int, stride: int, padding: int) -> to
     return u.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, C * kernel * kernel)
 
 
-def token_patches(x: torch.Tensor, grid: int, kernel: int = 3, stride: int = 2, padding: int = 1) -> torch.Tensor:
+def token_patches(x: torch.Tensor, grid: int, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """Soft split of a token map: tokens (B, grid*grid, C) -> patches (B, g*g, kernel*kernel*C),
     ordered (row, column, channel): the unfold of the map with its channels last."""
     B, _, C = x.shape

@@ -242,7 +242,8 @@ class TokenPerformer(nn.Module):
         return torch.exp(wtx - 0.5 * (x * x).sum(dim=-1, keepdim=True)) / math.sqrt(self.m)
 
     def attention(self, x: torch.Tensor, kqv_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        k, q, v = F.linear(x, self.kqv.weight if kqv_weight is None else kqv_weight, self.kqv.bias).split(self.emb, dim=-1)
+        weight = self.kqv.weight if kqv_weight is None else kqv_weight
+        k, q, v = F.linear(x, weight, self.kqv.bias).split(self.emb, dim=-1)  # (B, T, emb) each
         with _autocast_off(x.device.type):
             k, q, vf = k.float(), q.float(), v.float()
             kp, qp = self._features(k), self._features(q)  # (B, T, m)

@@ -295,7 +295,7 @@ def test_soft_splits_are_the_unfolds(dtype):
         tokens = torch.randn(2, grid * grid, 64).to(dtype)
         ref = F.unfold(tokens.transpose(1, 2).reshape(2, 64, grid, grid), 3, padding=1, stride=2).transpose(1, 2)
         perm = channels_last_order(64, 9, tokens.device)
-        assert torch.equal(token_patches(tokens, grid), ref[..., perm])
+        assert torch.equal(token_patches(tokens, grid, 3, 2, 1), ref[..., perm])
 
 
 def test_t2t_embedding_matches_the_unfold_formulation():
