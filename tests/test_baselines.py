@@ -12,7 +12,6 @@ import torch
 import inference
 from test_inference import RESULT_KEYS as RESULT_LINES, printed_results as results
 import main as train_main
-from fake_data import make_image_folder
 from models.baseline import SingleExit, create_cascade
 from utils.checkpoint import load_checkpoint_file
 from utils.recipe import scaled_lr
@@ -23,12 +22,6 @@ VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "dep
 VIT_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def image_data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("images") / "data", num_classes=3, train_per_class=8,
-                             val_per_class=4)
 
 
 def train_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:

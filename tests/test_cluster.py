@@ -26,13 +26,6 @@ EXACT = ("--deterministic", "--no-release", "--aa", "none")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def image_data(tmp_path_factory) -> Path:
-    """3 classes, 24 training and 12 validation images of 40x40."""
-    return make_image_folder(tmp_path_factory.mktemp("images") / "data", num_classes=3, train_per_class=8,
-                             val_per_class=4)
-
-
 def args_for(data: Path, out: Path, *extra: str, experiment: str = "run") -> list[str]:
     named = ["--experiment", experiment] if experiment else []
     return [str(data), "--config", TINY, "--device", "cpu", "--output", str(out), *named, "--log-interval", "1",

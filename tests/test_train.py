@@ -19,7 +19,7 @@ from timm.models import register_model
 
 import inference
 import main as train_main
-from fake_data import make_fake_cifar, make_image_folder
+from fake_data import make_fake_cifar
 from models.dvt import DVT, to_original_state_dict
 from models.registry import MODEL_CFGS
 from utils.checkpoint import atomic_save, load_checkpoint_file
@@ -74,13 +74,6 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
     set_faults()
-
-
-@pytest.fixture(scope="module")
-def image_data(tmp_path_factory) -> Path:
-    """3 classes, 24 training and 12 validation images of 40x40."""
-    return make_image_folder(tmp_path_factory.mktemp("images") / "data", num_classes=3, train_per_class=8,
-                             val_per_class=4)
 
 
 def base_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
