@@ -224,7 +224,12 @@ def _two_process_run(tmp_path: Path, data: Path, launcher: list[str], name: str,
            str(REPO / "main.py"), str(data), "--config", TINY, "--model", "DVT_tiny", "--b", "4", "--lr", "2e-3",
            "--weight-decay", ".03", "--amp", "--img-size", "32", "--epochs", "1", "--device", "cpu",
            "--output", str(out), "--experiment", name, "--workers", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=240)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:  # keep what the run printed: a hang is otherwise undiagnosable
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"{launcher[0]} run still going after 240 s; its output:\n{text[-6000:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = run_dir(out, name)
     # one process logs: the header line appears once and names both processes and gloo
