@@ -30,47 +30,55 @@ Classifying one's own images (no labels; see :mod:`utils.predict`)::
 
 ``PATH``: image files, folders (walked recursively) or text files listing image paths. The
 thresholds come from ``--thresholds``, else ``--budget`` or ``--budget_index`` resolved against
-the checkpoint's stored table, else a default row (:mod:`utils.threshold_choice`). One row per
+the checkpoint's stored table, else a default row (:mod:`utils.budget.choice`). One row per
 image goes to ``--output`` (``.csv`` or ``.jsonl``) or, without it, to stdout as CSV.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from models import DVT
-from models.baseline import is_cascade_name
 from models.deploy import CompiledCascade
+from models.factory import is_cascade_name
 from models.registry import MODEL_CFGS
-from utils.budget import (
-    DEFAULT_BUDGETS, BudgetThresholds, budget_curve, budget_exit_shares, evaluate_thresholds, exit_assignment,
-    find_thresholds, thresholds_for_budget,
+from utils.budget.flops import exit_gflops
+from utils.budget.plots import OperatingPoint, plot_accuracy_vs_gflops
+from utils.budget.stats import ExitStatsAccumulator, anytime_accuracy, collect_exit_stats
+from utils.budget.thresholds import (
+    DEFAULT_BUDGETS,
+    BudgetThresholds,
+    budget_curve,
+    budget_exit_shares,
+    evaluate_thresholds,
+    exit_assignment,
+    find_thresholds,
+    thresholds_for_budget,
 )
-from utils.checkpoint import atomic_save, build_from_checkpoint, checkpoint_model_name, load_checkpoint_file
-from utils.classes import check_checkpoint_classes, check_split_classes
-from utils.data import CALIB_SEED, build_split, calibration_subset, calibration_transform, eval_transform, split_dir
-from utils.errors import CheckpointError, DataError
-from utils.evaluate import ExitStatsAccumulator, anytime_accuracy, autocast_context, collect_exit_stats
-from utils.flops import exit_gflops
-from utils.image_stream import check_sources
-from utils.interrupt import quiet_lost_main_process
-from utils.labels import LABEL_TYPES
-from utils.plots import OperatingPoint, plot_accuracy_vs_gflops
-from utils.preflight import check_output_folder, check_writable_file
-from utils.scan import list_classes
-from utils.precision import resolve_precision
-from utils.predict import DVTClassifier
-from utils.prediction_output import PredictionSummary, PredictionWriter, output_format
+from utils.checkpoint.files import atomic_save, load_checkpoint_file
+from utils.checkpoint.weights import build_from_checkpoint, checkpoint_model_name
+from utils.data.classes import LABEL_TYPES, check_checkpoint_classes, check_split_classes
+from utils.data.folders import build_split, split_dir
+from utils.data.loader import CALIB_SEED, calibration_subset
+from utils.data.scan import list_classes
+from utils.data.transforms import calibration_transform, eval_transform
+from utils.errors import CheckpointError, DataError, one_line
+from utils.precision import autocast_context, resolve_precision
+from utils.predict.classifier import DVTClassifier
+from utils.predict.output import PredictionSummary, PredictionWriter, output_format
+from utils.predict.sources import check_sources
+from utils.run.preflight import check_output_folder, check_writable_file
+from utils.run.signals import CTRL_C, worker_ignores_signals
 
 DEFAULT_MODEL = "DVT_T2t_vit_12"
 RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
@@ -250,49 +258,8 @@ def build_model(args: argparse.Namespace, checkpoint: dict, path: str) -> DVT:
 
 # ----------------------------------------------------------------------------- data
 
-def _leave_ctrl_c_to_the_main_process(worker_id: int) -> None:
-    """Ctrl-C signals every process of the terminal: the loader workers ignore it, so only the
-    main process reports it, in one line."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    quiet_lost_main_process()
-
-
-class CtrlC:
-    """The SIGINT handler of the command: KeyboardInterrupt in the main process, except while
-    loader workers are being forked, where it waits until they are up (a KeyboardInterrupt
-    inside Python's fork hooks is printed as a traceback and then lost). A forked worker that
-    inherits a signal the main process had not handled yet ignores it."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.forking = False
-        self.pending = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self.pid:
-            return
-        if self.forking:
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Hold a Ctrl-C back during the block; raise it after."""
-        self.forking, self.pending = True, False
-        try:
-            yield
-        finally:
-            self.forking = False
-        if self.pending:
-            raise KeyboardInterrupt
-
-
-CTRL_C = CtrlC()
-
-
 class QuietCtrlCLoader(torch.utils.data.DataLoader):
-    """A DataLoader that starts its workers with Ctrl-C held back (see :class:`CtrlC`)."""
+    """A DataLoader that starts its workers with Ctrl-C held back (see :class:`utils.run.signals.CtrlC`)."""
 
     def __iter__(self):
         if self.num_workers == 0:
@@ -306,7 +273,7 @@ def make_loader(dataset, args: argparse.Namespace, device: torch.device, seed: i
     return QuietCtrlCLoader(
         dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_leave_ctrl_c_to_the_main_process if args.workers > 0 else None)
+        worker_init_fn=functools.partial(worker_ignores_signals, signals=(signal.SIGINT,)) if args.workers > 0 else None)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -427,18 +394,6 @@ def write_json(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def one_line(error: BaseException) -> str:
-    """The meaningful line of an error. Errors raised in DataLoader workers come back with the
-    worker's whole traceback in the message; keep its last line, without the type name."""
-    text = str(error).strip()
-    if "Traceback (most recent call last)" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1].strip()
-        head, sep, rest = last.partition(": ")
-        text = rest if sep and " " not in head else last
-    lines = text.splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -471,7 +426,7 @@ def exit_costs(model: DVT, checkpoint: dict, path: str) -> tuple[list[float], st
     """Cumulative GFLOPs per exit: the checkpoint's, else counted on the model; and which."""
     if "flops" not in checkpoint:
         flops = exit_gflops(model, model.img_size)
-        note(f"the checkpoint has no 'flops'; counted with utils.flops.exit_gflops: {fmt_list(flops)}")
+        note(f"the checkpoint has no 'flops'; counted with utils.budget.flops.exit_gflops: {fmt_list(flops)}")
         return flops, "counted"
     flops = plain(checkpoint["flops"])
     if not isinstance(flops, list) or len(flops) != model.num_exits:

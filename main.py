@@ -42,46 +42,91 @@ from timm.utils import ApexScaler, NativeScaler
 from torch.nn.parallel import DistributedDataParallel
 
 import models  # noqa: F401  (registers the DVT models in timm)
-from models.baseline import create_cascade, is_cascade_name, is_single_exit
+from models.factory import create_cascade, is_cascade_name, is_single_exit
 from models.registry import MODEL_CFGS
-from utils.augment import guard_posterize
-from utils.checkpoint import (
-    ResumePoint, build_from_checkpoint, checkpoint_weights, head_classes, is_training_checkpoint,
-    load_checkpoint_file, load_weights, restore_training_state, save_training_state, training_checkpoint,
+from utils.checkpoint.files import load_checkpoint_file
+from utils.checkpoint.release import export_released
+from utils.checkpoint.training import (
+    ResumePoint,
+    check_not_rewinding,
+    check_resumable,
+    restore_training_state,
+    save_training_state,
+    state_layout,
+    training_checkpoint,
 )
-from utils.cifar import CIFAR_NUM_CLASSES, cifar_train_transform, load_cifar
-from utils.data import (
-    CALIB_SEED, EpochSampler, SeededDataset, ShardSampler, build_split, calibration_subset, calibration_transform,
-    close_loaders, default_mean_std, eval_transform, make_loader, split_dir,
+from utils.checkpoint.weights import (
+    build_from_checkpoint,
+    checkpoint_weights,
+    head_classes,
+    is_training_checkpoint,
+    load_weights,
+    unwrap_model,
 )
-from utils.distributed import (
-    DistEnv, agreed_flags, broadcast_object, cleanup_distributed, on_rank_zero, setup_distributed,
+from utils.data.cifar import CIFAR_NUM_CLASSES, cifar_train_transform, load_cifar
+from utils.data.classes import check_checkpoint_classes, check_split_classes, few_classes_warning
+from utils.data.folders import build_split, split_dir
+from utils.data.images import BAD_IMAGE_POLICIES, BadImageCounter, SkipBadImages, loader_collate
+from utils.data.loader import (
+    CALIB_SEED,
+    EpochSampler,
+    SeededDataset,
+    ShardSampler,
+    calibration_subset,
+    close_loaders,
+    make_loader,
 )
-from utils.elastic import derived_experiment, under_elastic_launcher
-from utils.errors import CheckpointError, ConfigError, DataError
-from utils.images import BAD_IMAGE_POLICIES, BadImageCounter, DeviceNormalize, SkipBadImages, loader_collate
-from utils.interrupt import Interrupted, signals_raise
-from utils.classes import check_checkpoint_classes, check_split_classes, few_classes_warning
-from utils.preflight import (
-    check_finite_options, check_image_sizes, check_not_rewinding, check_output_folder, check_resumable, checkpoint_bytes,
-    check_writable_file, state_layout,
+from utils.data.scan import list_classes
+from utils.data.shards import TarImageFolder, tar_split
+from utils.data.transforms import (
+    DeviceNormalize,
+    calibration_transform,
+    default_mean_std,
+    eval_transform,
+    guard_posterize,
 )
-from utils.runfolder import create_unique_folder
-from utils.runlock import RunLock, RunLockedError
-from utils.scan import list_classes
-from utils.yamlfile import safe_load_unique
-from utils.recipe import (
-    build_ema, build_mixup_and_loss, build_optimizer, build_scheduler, init_head_, mixup_active, scaled_lr,
-)
+from utils.errors import CheckpointError, ConfigError, DataError, one_line
 from utils.precision import resolve_precision
-from utils.release import export_released
-from utils.shards import TarImageFolder, tar_split
-from utils.steps import StepGuard, parse_injections
-from utils.rng import STREAM_TRAIN_SAMPLES, deterministic_mode, seed_all
-from utils.train import (
-    EpochResult, ExitMeter, NonFiniteLossError, StopSignal, TrainContext, TrainingInterrupted, evaluate, format_metrics,
+from utils.run.config import safe_load_unique
+from utils.run.distributed import (
+    DistEnv,
+    agreed_flags,
+    broadcast_object,
+    cleanup_distributed,
+    derived_experiment,
+    on_rank_zero,
+    setup_distributed,
+    under_elastic_launcher,
+)
+from utils.run.folder import RunLock, RunLockedError, create_unique_folder
+from utils.run.preflight import (
+    check_finite_options,
+    check_image_sizes,
+    check_output_folder,
+    check_writable_file,
+    checkpoint_bytes,
+)
+from utils.run.signals import Interrupted, StopSignal, signals_raise
+from utils.train.guard import NonFiniteLossError, StepGuard, parse_injections
+from utils.train.loop import (
+    EpochResult,
+    ExitMeter,
+    TrainContext,
+    TrainingInterrupted,
+    evaluate,
+    format_metrics,
     train_one_epoch,
 )
+from utils.train.recipe import (
+    build_ema,
+    build_mixup_and_loss,
+    build_optimizer,
+    build_scheduler,
+    init_head_,
+    mixup_active,
+    scaled_lr,
+)
+from utils.train.rng import STREAM_TRAIN_SAMPLES, deterministic_mode, seed_all
 
 _logger = logging.getLogger("dvt.train")
 
@@ -540,7 +585,7 @@ def build_datasets(args: argparse.Namespace, img_size: int, train_transform: boo
 
 def device_normalize(args: argparse.Namespace) -> Optional[DeviceNormalize]:
     """With timm's ImageNet training transform the loaders send uint8 images (no normalisation,
-    no random erasing: both run on the device, see utils.images.DeviceNormalize); None for
+    no random erasing: both run on the device, see utils.data.transforms.DeviceNormalize); None for
     the other training transforms, which send normalised float32."""
     if args.no_aug or args.train_crop != "rrc":
         return None
@@ -934,7 +979,7 @@ class Run:
                  model: nn.Module, ctx: TrainContext, point: ResumePoint,
                  class_names: Optional[list[str]] = None) -> None:
         self.args, self.env, self.folder, self.config, self.data = args, env, folder, config, data
-        self.model, self.plain, self.ctx, self.point = model, unwrap_ddp(model), ctx, point
+        self.model, self.plain, self.ctx, self.point = model, unwrap_model(model), ctx, point
         self.num_exits = self.plain.num_exits
         self.summary = CsvSummary(folder / "summary.csv")
         self.evaluate_ema = ctx.model_ema is not None and not args.model_ema_force_cpu
@@ -1015,10 +1060,6 @@ class Run:
         _logger.info(f"wrote {folder / RELEASED} ({which} weights of epoch {point.best_epoch})")
 
 
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def checked_training_data(args: argparse.Namespace, env: DistEnv, stop: StopSignal,
                           checked: PreChecked) -> tuple[TrainData, Optional[list[str]]]:
     """:func:`training_data`, stopped at once by SIGTERM/SIGINT (nothing to save yet), with the
@@ -1074,9 +1115,9 @@ def _train(args: argparse.Namespace, env: DistEnv, stop: StopSignal, folder: Pat
         recovery_interval=args.recovery_interval, bad_image_fraction=args.bad_images_max_fraction,
         normalize=device_normalize(args),
         guard=StepGuard(env, args.max_bad_steps, parse_injections(args.inject_nonfinite)))
-    n_params = sum(p.numel() for p in unwrap_ddp(model).parameters())
+    n_params = sum(p.numel() for p in unwrap_model(model).parameters())
     _logger.info(
-        f"{args.model}: {n_params / 1e6:.2f}M parameters, {unwrap_ddp(model).num_exits} exits, "
+        f"{args.model}: {n_params / 1e6:.2f}M parameters, {unwrap_model(model).num_exits} exits, "
         f"{data.num_classes} classes, {args.img_size}px | {env.world_size} process(es) on {env.device.type}"
         f"{' (' + env.backend + ')' if env.backend else ''} | batch {args.batch_size} x {env.world_size}, "
         f"lr {lr:.3g}, {args.opt}, epochs {num_epochs} | precision "
@@ -1095,15 +1136,6 @@ def _train(args: argparse.Namespace, env: DistEnv, stop: StopSignal, folder: Pat
         raise Interrupted(e.signum, f" during the export of {folder / RELEASED}: the export stopped, the training "
                           f"is complete ({folder / BEST}); write the released file with: python main.py {args.data} "
                           f"--export-released {folder / BEST}") from None
-
-
-def _one_line(error: BaseException) -> str:
-    """The message of an error; for errors raised in DataLoader workers, the worker's last line."""
-    text = str(error).strip()
-    if "Traceback (most recent call last)" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1].strip()
-        text = re.sub(r"^[\w.]*(Error|Exception): ", "", text)  # the worker's exception type
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1145,12 +1177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rank == 0 or not shared:
             prefix = f"rank {rank}: " if env is not None and env.distributed and not shared else ""
             extra = " The last good checkpoint is left as it was." if isinstance(e, NonFiniteLossError) else ""
-            print(f"error: {prefix}{_one_line(e)}{extra}", file=sys.stderr)
+            print(f"error: {prefix}{one_line(e)}{extra}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except RuntimeError as e:
         if not (args.deterministic and "deterministic" in str(e)):
             raise
-        print(f"error: --deterministic: {_one_line(e)}", file=sys.stderr)  # an operation with no deterministic kernel
+        print(f"error: --deterministic: {one_line(e)}", file=sys.stderr)  # an operation with no deterministic kernel
         return 1
     except OSError as e:  # a log, summary or config write (disk full, read-only, quota)
         where = f"{e.filename}: " if e.filename else ""

@@ -2,23 +2,21 @@
 pipeline of the cascades runs baselines unchanged (``deit_small_patch16_224``,
 ``vit_base_patch32_224``, ...): one tuple of logits per forward, one exit, one "stage".
 
-``create_cascade(name, **kwargs)`` builds a registered DVT cascade or wraps any other timm
-model. The wrapped network is ``stages[0]``; its state dict carries the timm model's own keys
-(no prefix), so a checkpoint of a baseline also loads into the plain timm model.
+:func:`models.factory.create_cascade` wraps any timm model that is not a cascade. The wrapped
+network is ``stages[0]``; its state dict carries the timm model's own keys (no prefix), so a
+checkpoint of a baseline also loads into the plain timm model.
 """
 from __future__ import annotations
 
 import re
 from typing import Any, Optional, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 
 from .dvt import EarlyExitOutput
-from .registry import MODEL_CFGS, build_dvt
 
-__all__ = ["SingleExit", "create_cascade", "is_cascade_name", "is_single_exit"]
+__all__ = ["SingleExit"]
 
 _PREFIX = "stages.0."
 
@@ -122,48 +120,3 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys
         for wrapper in ("module.", "_orig_mod."):
             rest = rest.removeprefix(wrapper)
         state_dict[full + rest.removeprefix(_PREFIX)] = state_dict.pop(key)
-
-
-_SWITCHES = ("feature_reuse", "relation_reuse")
-
-
-def is_cascade_name(name: str) -> bool:
-    """Whether ``name`` is a registered DVT cascade or a timm model usable as a baseline."""
-    return name in MODEL_CFGS or timm.is_model(name)
-
-
-def is_single_exit(name: str) -> bool:
-    """Whether the timm model ``name`` is a plain classifier (wrapped as a baseline) rather than
-    a cascade registered under another name; built on the meta device, so it costs no memory."""
-    if name in MODEL_CFGS:
-        return False
-    with torch.device("meta"):
-        return not hasattr(timm.create_model(name), "num_exits")
-
-
-def create_cascade(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A registered DVT cascade by name, or any other timm classifier as a :class:`SingleExit`.
-
-    Args:
-        name: a DVT model (``DVT_T2t_vit_12``, ...) or a timm model (``deit_small_patch16_224``, ...).
-        pretrained: as in ``timm.create_model``.
-        kwargs: constructor arguments. For a baseline, ``feature_reuse`` and ``relation_reuse``
-            (switches of the cascades) must be absent or true.
-    """
-    if name in MODEL_CFGS:
-        return build_dvt(name, pretrained, **kwargs)
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: neither a DVT model ({', '.join(MODEL_CFGS)}) nor a timm model")
-    model_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-    switches = {k: kwargs.pop(k) for k in _SWITCHES if k in kwargs}
-    net = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if hasattr(net, "num_exits"):  # a cascade registered under another name: it takes the switches
-        return timm.create_model(name, pretrained=pretrained, **kwargs, **switches) if switches else net
-    for switch, value in switches.items():
-        if value is not True:
-            raise ValueError(f"{name} is a single-exit model: it has no {switch.replace('_', ' ')} to switch off")
-    size = kwargs.get("img_size") or net.pretrained_cfg["input_size"][-1]
-    model = SingleExit(net, int(size if isinstance(size, int) else size[-1]))
-    model.model_name = name
-    model.model_kwargs = model_kwargs
-    return model

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from .dvt import checkpoint_filter_fn
 
-__all__ = ["STATE_DICT_KEYS", "numpy_safe_globals", "pretrained_cfg", "pretrained_filter_fn"]
+__all__ = ["STATE_DICT_KEYS", "numpy_safe_globals", "pretrained_cfg", "pretrained_filter_fn", "state_dict_in",
+           "state_dict_mismatch"]
 
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "state_dict_ema", "model_ema")
 """Where checkpoints keep their weights, in the order they are looked for."""
@@ -64,20 +65,45 @@ def pretrained_cfg(backbone: str, num_exits: int, num_classes: int = 1000, img_s
     )
 
 
-def _weights(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint dictionary (or the dictionary itself)."""
+def state_dict_in(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint dictionary: under one of :data:`STATE_DICT_KEYS`, or
+    the dictionary itself when it is a plain state dict.
+
+    Raises:
+        KeyError: no model weights (the message lists the keys found).
+    """
     for key in STATE_DICT_KEYS:
         if isinstance(checkpoint.get(key), Mapping):
             return dict(checkpoint[key])
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return dict(checkpoint)
-    raise ValueError(
-        f"the pretrained file has no model weights: expected one of the keys {', '.join(STATE_DICT_KEYS)}; "
-        f"found {', '.join(map(str, list(checkpoint)[:10]))}")
+    raise KeyError(f"no model weights: expected one of the keys {', '.join(STATE_DICT_KEYS)}; "
+                   f"found {', '.join(map(str, list(checkpoint)[:10]))}")
 
 
-def _names(keys: list[str], limit: int = 6) -> str:
+def _listed(keys: list[str], limit: int) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def state_dict_mismatch(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                        spared: tuple[str, ...] = (), source: str = "checkpoint") -> str:
+    """What keeps ``given`` weights from loading into a model whose state dict is ``expected``:
+    the missing, unexpected and mis-shaped keys (those starting with a prefix in ``spared``
+    excepted), as one phrase; "" when they fit.
+
+    Args:
+        given: the weights, already in the model's key layout.
+        expected: the model's state dict.
+        spared: key prefixes not compared (heads that are replaced, adapted input layers).
+        source: what the shapes of ``given`` are called in the message ("checkpoint", "file").
+    """
+    missing = [k for k in expected if k not in given and not k.startswith(spared)]
+    unexpected = [k for k in given if k not in expected and not k.startswith(spared)]
+    misshaped = [f"{k} ({source} {tuple(given[k].shape)}, model {tuple(v.shape)})" for k, v in expected.items()
+                 if k in given and tuple(given[k].shape) != tuple(v.shape) and not k.startswith(spared)]
+    return "; ".join(f"{label} [{len(keys)}]: {_listed(keys, limit)}"
+                     for label, keys, limit in (("missing keys", missing, 8), ("unexpected keys", unexpected, 8),
+                                                ("mis-shaped keys", misshaped, 4)) if keys)
 
 
 def pretrained_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,22 +115,18 @@ def pretrained_filter_fn(checkpoint: Mapping[str, Any], model: nn.Module) -> dic
     of classes of the file's heads as the pretrained ``num_classes``, so timm keeps heads
     that fit the model and replaces them when the model asks for other classes.
     """
-    given = checkpoint_filter_fn(_weights(checkpoint), model)
-    expected = model.state_dict()
+    try:
+        weights = state_dict_in(checkpoint)
+    except KeyError as e:
+        raise ValueError(f"the pretrained file has {e.args[0]}") from None
+    given = checkpoint_filter_fn(weights, model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     heads = tuple(cfg.get("classifier") or ())
     first = tuple(cfg.get("first_conv") or ())
-    spared = tuple(f"{name}." for name in heads + first)
-    missing = [k for k in expected if k not in given and not k.startswith(spared)]
-    unexpected = [k for k in given if k not in expected and not k.startswith(spared)]
-    misshaped = [f"{k} (file {tuple(given[k].shape)}, model {tuple(v.shape)})" for k, v in expected.items()
-                 if k in given and tuple(given[k].shape) != tuple(v.shape) and not k.startswith(spared)]
-    if missing or unexpected or misshaped:
-        parts = [f"{label} [{len(keys)}]: {_names(keys)}"
-                 for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("mis-shaped keys", misshaped)) if keys]
+    mismatch = state_dict_mismatch(given, model.state_dict(), tuple(f"{name}." for name in heads + first), "file")
+    if mismatch:
         name = cfg.get("architecture") or type(model).__name__
-        raise ValueError(f"the pretrained file does not fit {name}: " + "; ".join(parts))
+        raise ValueError(f"the pretrained file does not fit {name}: {mismatch}")
     head_weights = [given.get(f"{h}.weight") for h in heads]
     if head_weights and all(w is not None for w in head_weights):
         # timm compares this with the model's classes: equal keeps the file's heads, else drops them.

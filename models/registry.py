@@ -11,7 +11,7 @@ way::
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -97,20 +97,6 @@ def _check_pretrained_source(name: str, timm_args: dict, kwargs: dict) -> None:
         raise FileNotFoundError(f"pretrained file not found: {cfg.file}")
     if MODEL_CFGS[name]["backbone"] == "t2t" and kwargs.get("in_chans", cfg.input_size[0]) != cfg.input_size[0]:
         raise ValueError(f"{name}: pretrained T2T weights need in_chans={cfg.input_size[0]}")
-
-
-def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, **overrides) -> torch.nn.Module:
-    """Rebuild the model described by a checkpoint written by this project (``model_name``
-    and ``model_kwargs`` entries): a cascade, or a single-exit baseline; ``name`` is required
-    for files that do not carry them."""
-    name = checkpoint.get("model_name", name)
-    if name is None:
-        raise ValueError("the checkpoint does not name its model; pass the model name")
-    kwargs = dict(checkpoint.get("model_kwargs", {}))
-    kwargs.update(overrides)
-    from .baseline import create_cascade  # the baselines wrap timm models; that module imports this one
-
-    return create_cascade(name, **kwargs)
 
 
 @register_model

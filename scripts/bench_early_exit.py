@@ -41,10 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import DVT, build_dvt  # noqa: E402
-from utils.budget import budget_exit_shares, find_thresholds  # noqa: E402
-from utils.flops import exit_gflops  # noqa: E402
 from benchmark import machine_description  # noqa: E402
+
+from models import DVT, build_dvt  # noqa: E402
+from utils.budget.flops import exit_gflops  # noqa: E402
+from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import timm  # noqa: E402
+from benchmark import machine_description  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
-from benchmark import machine_description  # noqa: E402
 
 
 def peak_rss_mib() -> float:

@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
-from utils.atomic import atomic_copy  # noqa: E402
-from utils.checkpoint import atomic_save  # noqa: E402
+from utils.checkpoint.files import (
+    atomic_copy,  # noqa: E402
+    atomic_save,  # noqa: E402
+)
 
 
 def cpu_name() -> str:

@@ -29,9 +29,10 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import original_api  # noqa: E402
-from utils.budget import DEFAULT_BUDGETS, budget_curve, budget_exit_shares, exit_stats  # noqa: E402
-from utils.original_api import dynamic_evaluate, dynamic_find_threshold  # noqa: E402
+from utils.budget import original_api  # noqa: E402
+from utils.budget.original_api import dynamic_evaluate, dynamic_find_threshold  # noqa: E402
+from utils.budget.stats import exit_stats  # noqa: E402
+from utils.budget.thresholds import DEFAULT_BUDGETS, budget_curve, budget_exit_shares  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import machine_description  # noqa: E402

@@ -26,8 +26,8 @@ import timm  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
-from utils.recipe import param_groups  # noqa: E402
-from utils.evaluate import autocast_context  # noqa: E402
+from utils.precision import autocast_context  # noqa: E402
+from utils.train.recipe import param_groups  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import machine_description  # noqa: E402

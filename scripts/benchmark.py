@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
-from utils.budget import budget_exit_shares, find_thresholds  # noqa: E402
-from utils.flops import counting_copy, exit_gflops  # noqa: E402
+from utils.budget.flops import counting_copy, exit_gflops  # noqa: E402
+from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small"]

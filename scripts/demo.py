@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -40,7 +39,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 DEMO_DATA: dict[str, Any] = dict(num_classes=4, train_per_class=500, val_per_class=200, img_size=64,
                                  difficulty_power=2.0, seed=0)
-"""The shapes dataset of the demo (arguments of :func:`utils.synthetic.make_shapes_dataset`): four
+"""The shapes dataset of the demo (arguments of :func:`utils.data.synthetic.make_shapes_dataset`): four
 shapes (circle, ring, plus, triangle), 2,000 training and 800 validation images at 64 pixels, more
 than half of them easy (``difficulty_power`` 2)."""
 
@@ -80,7 +79,8 @@ def run_demo(output: Path, data: Path, quick: bool = False, tolerance: float = 0
     import main as train_main
     sys.path.insert(0, str(ROOT / "scripts"))
     import visualize_exits
-    from utils.synthetic import make_shapes_dataset
+
+    from utils.data.synthetic import make_shapes_dataset
 
     if threads:
         torch.set_num_threads(threads)

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_dvt  # noqa: E402
 from models.deploy import export_stages, load_stages, save_stages  # noqa: E402
 from models.dvt import run_early_exit  # noqa: E402
-from utils.budget import budget_exit_shares, find_thresholds  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
+from utils.checkpoint.weights import load_checkpoint  # noqa: E402
 from utils.errors import CheckpointError  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -38,13 +38,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models import DVT  # noqa: E402
-from utils.budget import FINAL_THRESHOLD, thresholds_for_budget  # noqa: E402
-from utils.checkpoint import build_from_checkpoint, load_checkpoint_file  # noqa: E402
-from utils.data import build_split, eval_transform, seeded_subset  # noqa: E402
+from utils.budget.flops import exit_gflops  # noqa: E402
+from utils.budget.stats import collect_exit_stats  # noqa: E402
+from utils.budget.thresholds import FINAL_THRESHOLD, thresholds_for_budget  # noqa: E402
+from utils.checkpoint.files import load_checkpoint_file  # noqa: E402
+from utils.checkpoint.weights import build_from_checkpoint  # noqa: E402
+from utils.data.folders import build_split  # noqa: E402
+from utils.data.loader import seeded_subset  # noqa: E402
+from utils.data.synthetic import read_manifest  # noqa: E402
+from utils.data.transforms import eval_transform  # noqa: E402
 from utils.errors import CheckpointError, DataError  # noqa: E402
-from utils.evaluate import collect_exit_stats  # noqa: E402
-from utils.flops import exit_gflops  # noqa: E402
-from utils.synthetic import read_manifest  # noqa: E402
 
 __all__ = [
     "ExitRun", "run_early_exit", "parse_thresholds", "choose_thresholds", "format_threshold",
@@ -216,7 +219,7 @@ def draw_exits(
 
 
 def _difficulties(data_url: str, samples: Sequence[tuple[str, int]]) -> Optional[np.ndarray]:
-    """Per-image difficulty from a generated dataset's manifest (utils.synthetic), else None."""
+    """Per-image difficulty from a generated dataset's manifest (utils.data.synthetic), else None."""
     manifest = read_manifest(data_url)
     if manifest is None:
         return None

@@ -7,7 +7,7 @@
   ``cifar-100-python/train, test, meta``): pickled dicts with the same keys and dtypes as the
   official files. torchvision's own ``CIFAR10``/``CIFAR100`` classes compare each file with
   the MD5 of the official archive, which a generated file cannot match; the training code
-  reads these files with :class:`utils.cifar.CIFAR10Files` / ``CIFAR100Files``, torchvision's
+  reads these files with :class:`utils.data.cifar.CIFAR10Files` / ``CIFAR100Files``, torchvision's
   readers with the presence check kept and the MD5 check left out.
 """
 from __future__ import annotations

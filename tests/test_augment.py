@@ -15,7 +15,7 @@ from timm.data import auto_augment
 
 import main as train_main
 from fake_data import make_fake_cifar, make_image_folder
-from utils.augment import TIMM_POSTERIZE, augment_ops, guard_posterize, posterize
+from utils.data.transforms import TIMM_POSTERIZE, augment_ops, guard_posterize, posterize
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 SIZE = 48  # training resolution of the test transforms: the ops are the same at any size

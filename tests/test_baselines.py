@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from test_inference import RESULT_KEYS as RESULT_LINES
+from test_inference import printed_results as results
 
 import inference
-from test_inference import RESULT_KEYS as RESULT_LINES, printed_results as results
 import main as train_main
-from models.baseline import SingleExit, create_cascade
-from utils.checkpoint import load_checkpoint_file
-from utils.recipe import scaled_lr
+from models.baseline import SingleExit
+from models.factory import create_cascade
+from utils.checkpoint.files import load_checkpoint_file
+from utils.train.recipe import scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")

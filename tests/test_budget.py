@@ -7,20 +7,18 @@ import pytest
 import torch
 
 from golden import load_budget_fixture, synthetic_exit_probs
-from utils import budget, dynamic_evaluate, dynamic_find_threshold
-from utils.budget import (
+from utils import dynamic_evaluate, dynamic_find_threshold
+from utils.budget import thresholds
+from utils.budget.stats import ExitStatsAccumulator, anytime_accuracy, exit_stats
+from utils.budget.thresholds import (
     DEFAULT_BUDGETS,
-    ExitStatsAccumulator,
-    anytime_accuracy,
     budget_curve,
     budget_exit_shares,
     evaluate_thresholds,
     exit_assignment,
-    exit_stats,
     find_thresholds,
     thresholds_for_budget,
 )
-
 
 # ------------------------------------------------------------------ loop reference
 # A plain per-sample reading of the original algorithm, independent of utils.budget.
@@ -248,7 +246,7 @@ def test_budget_chunks_agree(monkeypatch):
     confidence, _ = random_stats(8, 3, 400, levels=30)
     shares = shares_table(3)
     whole = find_thresholds(confidence, shares)
-    monkeypatch.setattr(budget, "_MAX_WORK_ELEMENTS", 1000)  # 2 budgets per chunk
+    monkeypatch.setattr(thresholds, "_MAX_WORK_ELEMENTS", 1000)  # 2 budgets per chunk
     assert torch.equal(find_thresholds(confidence, shares), whole)
 
 

@@ -15,7 +15,7 @@ import torch
 
 import main as train_main
 from fake_data import make_image_folder
-from utils.checkpoint import load_checkpoint_file
+from utils.checkpoint.files import load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -208,8 +208,8 @@ def test_tar_shards_train_like_the_folder(tmp_path, image_data):
 
 def _list_on_rank_zero(rank: int, port: int, folder: str) -> None:
     """One of two processes: joins a gloo group, lists (pretends to) on rank 0 only."""
-    from utils.distributed import cleanup_distributed, on_rank_zero, setup_distributed
     from utils.errors import DataError
+    from utils.run.distributed import cleanup_distributed, on_rank_zero, setup_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     setup_distributed("cpu")

@@ -53,7 +53,7 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
     # the dataset is cached: a second run draws nothing
     again = subprocess.run(
         [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import demo; "
-         "from utils.synthetic import make_shapes_dataset; "
+         "from utils.data.synthetic import make_shapes_dataset; "
          "print(make_shapes_dataset(sys.argv[2], **dict(demo.DEMO_DATA, **demo.QUICK['data'])).created)",
          str(ROOT / "scripts"), str(data)], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -1,9 +1,8 @@
-"""The demo's parts: the easy-to-hard shapes dataset (utils/synthetic.py) and the picture of
+"""The demo's parts: the easy-to-hard shapes dataset (utils/data/synthetic.py) and the picture of
 which images leave at which exit (scripts/visualize_exits.py)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,10 @@ from PIL import Image
 from torchvision import datasets
 
 import models
-from utils.budget import exit_assignment
-from utils.data import eval_transform
-from utils.synthetic import (
-    MANIFEST, SHAPES, difficulty_level, make_shapes_dataset, read_manifest, render_shape_image, stored_size,
-)
+from utils.budget.thresholds import exit_assignment
+from utils.data.shapes import SHAPES, render_shape_image, stored_size
+from utils.data.synthetic import difficulty_level, make_shapes_dataset, read_manifest
+from utils.data.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -143,7 +141,7 @@ def test_easy_images_are_plain_and_hard_ones_are_not():
 
 
 def test_command_line_reports_cached(tmp_path, capsys):
-    from utils import synthetic
+    from utils.data import synthetic
 
     args = [str(tmp_path / "cli"), "--num-classes", "2", "--train-per-class", "2", "--val-per-class", "2",
             "--img-size", "24"]
@@ -208,7 +206,7 @@ def test_groups_images_by_the_exit_forward_early_exit_takes(shapes, checkpoint, 
 
 def test_budget_and_stored_thresholds(shapes, checkpoint, tmp_path, capsys):
     conf, model = _val_confidence(shapes, checkpoint)
-    from utils.flops import exit_gflops
+    from utils.budget.flops import exit_gflops
 
     flops = exit_gflops(model, SMALL["img_size"])
     budget = (flops[0] + flops[1]) / 2

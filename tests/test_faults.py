@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 
 import inference
 import main as train_main
 from fake_data import make_image_folder
 from models.dvt import DVT
-from utils.checkpoint import atomic_save, load_checkpoint_file
-from utils.runlock import RUN_LOCK, RunLock, RunLockedError
+from utils.checkpoint.files import atomic_save, load_checkpoint_file
+from utils.run.folder import RUN_LOCK, RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -146,14 +145,14 @@ def umount(where: Path) -> None:
 
 # --------------------------------------------------------------------- one run a folder
 
-HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[1]); from runlock import RunLock; "
+HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[1]); from utils.run.folder import RunLock; "
              "lock = RunLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(60)")
 
 
 def test_a_held_run_folder_is_refused_and_the_lock_dies_with_its_holder(data, tmp_path, capsys):
     folder = tmp_path / "out" / "train" / "run"
     folder.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO / "utils"), str(folder)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO), str(folder)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -174,7 +173,7 @@ def test_a_held_run_folder_is_refused_and_the_lock_dies_with_its_holder(data, tm
 
 
 def test_timestamped_run_folders_never_collide(tmp_path):
-    from utils.runfolder import create_unique_folder
+    from utils.run.folder import create_unique_folder
 
     made = [create_unique_folder(tmp_path / "train", "20260101-000000-DVT_tiny-32") for _ in range(3)]
     assert len(set(made)) == 3 and all(p.is_dir() for p in made)
@@ -313,7 +312,7 @@ def test_symlink_loop_hidden_and_appledouble_files_are_harmless(data, tmp_path, 
     with deadline(120):
         code, out, err = run_main(capsys, args_for(odd, tmp_path / "out", "--no-release"))
     assert code == 0, err
-    from utils.scan import scan_image_folder
+    from utils.data.scan import scan_image_folder
 
     listed = scan_image_folder(odd / "train", report=None)
     assert len(listed.samples) == 24 and listed.classes == ["class_0", "class_1", "class_2"]
@@ -321,7 +320,7 @@ def test_symlink_loop_hidden_and_appledouble_files_are_harmless(data, tmp_path, 
 
 
 def test_sigterm_during_the_scan_stops_at_once(data, tmp_path, capsys, monkeypatch):
-    import utils.scan as scan
+    import utils.data.scan as scan
 
     real = os.scandir
     calls = []
@@ -441,9 +440,9 @@ def test_read_only_output_is_refused_before_the_run(data, tmp_path, capsys, monk
     out = tmp_path / "ro"
     mounted = mount_tmpfs(out, 2 ** 20, read_only=True)
     if not mounted:  # root writes through permission bits: refuse the access check instead
-        import utils.preflight
+        import utils.run.preflight
 
-        monkeypatch.setattr(utils.preflight.os, "access", lambda path, mode: False)
+        monkeypatch.setattr(utils.run.preflight.os, "access", lambda path, mode: False)
     try:
         code, _, err = run_main(capsys, args_for(data, out / "runs"))
         line = error_line(err)

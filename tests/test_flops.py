@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the DVT models)
-from utils.flops import counting_copy, exit_gflops, stage_gmacs
+from utils.budget.flops import counting_copy, exit_gflops, stage_gmacs
 
 
 def set_fused(model: torch.nn.Module, fused: bool) -> int:

@@ -8,10 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.errors import DataError
-from utils.images import (
-    BadImageCounter, BadSample, SkipBadImages, check_bad_fraction, collate_skipping, decode_rgb, load_rgb, to_rgb,
+from utils.data.images import (
+    BadImageCounter,
+    BadSample,
+    SkipBadImages,
+    check_bad_fraction,
+    collate_skipping,
+    decode_rgb,
+    load_rgb,
+    to_rgb,
 )
+from utils.errors import DataError
 
 
 def rgb(img: Image.Image) -> np.ndarray:
@@ -196,8 +203,8 @@ def test_bad_fraction_limit():
 def test_uint8_batches_are_normalised_on_the_device_as_in_the_workers():
     from torchvision import transforms
 
-    from utils.images import DeviceNormalize
-    from utils.rng import seed_all
+    from utils.data.transforms import DeviceNormalize
+    from utils.train.rng import seed_all
 
     imgs = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (8, 8, 3), dtype=np.uint8)) for k in range(2)]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

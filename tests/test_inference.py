@@ -24,8 +24,8 @@ import inference
 import models
 from golden import golden_state_dict, load_manifest
 from models.dvt import to_original_state_dict
-from utils.budget import budget_exit_shares, exit_assignment, find_thresholds
-from utils.plots import BudgetCurve, OperatingPoint, plot_budget_curves
+from utils.budget.plots import BudgetCurve, OperatingPoint, plot_budget_curves
+from utils.budget.thresholds import budget_exit_shares, exit_assignment, find_thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
@@ -259,7 +259,7 @@ def test_mode2_matches_original_search_and_saves(tiny_released, data_root, capsy
                                              "--calib_transform", "eval", "--output", tmp_path / "out",
                                              "--save_checkpoint", saved))
     assert code == 0, err
-    assert "counted with utils.flops.exit_gflops" in err  # weights-only file: flops are counted
+    assert "counted with utils.budget.flops.exit_gflops" in err  # weights-only file: flops are counted
     found = printed_results(out)
     gflops, top1 = found["budgeted_batch_classification"]
     assert len(gflops) == len(top1) == 59

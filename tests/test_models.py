@@ -2,7 +2,6 @@
 count its FLOPs, train, and run in any precision."""
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
@@ -11,11 +10,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import models
-from golden import VARIANTS, golden_input, golden_state_dict, load_expected, load_manifest, GOLDEN_DIR
+from golden import GOLDEN_DIR, VARIANTS, golden_input, golden_state_dict, load_expected, load_manifest
 from models.dvt import to_original_state_dict
-from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_checkpoint_file, load_weights
-from utils.flops import exit_gflops
+from utils.budget.flops import exit_gflops
+from utils.checkpoint.files import atomic_save, load_checkpoint_file
+from utils.checkpoint.weights import load_checkpoint, load_weights
+from utils.errors import CheckpointError
 
 ALL_MODELS = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small", "DVT_Deit_small_49_196",
               "DVT_Vit_base_49_196", "DVT_tiny"]
@@ -183,7 +183,7 @@ PUBLISHED_GFLOPS = {
 }
 
 
-# What utils.flops counts, the same on every device, dtype, attention kernel and torch version.
+# What utils.budget.flops counts, the same on every device, dtype, attention kernel and torch version.
 COUNTED_GFLOPS = {
     "DVT_T2t_vit_12": [0.468, 1.446, 3.455],
     "DVT_T2t_vit_14": [1.201, 3.818, 9.264],

@@ -27,8 +27,9 @@ import inference
 import models
 from golden import VARIANTS, golden_state_dict, load_manifest
 from models.dvt import to_original_state_dict
-from utils.image_stream import iter_image_paths
-from utils.predict import DVTClassifier, layout_of
+from models.factory import guess_model
+from utils.predict.classifier import DVTClassifier
+from utils.predict.sources import iter_image_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = 32  # model resolution: DVT_tiny at 32 pixels runs in milliseconds
@@ -271,7 +272,7 @@ def test_default_rule_and_model_found_from_the_weights(released, labelled, capsy
 def test_model_found_from_the_layout_of_released_weights(variant):
     weights = {key: torch.empty(shape, device="meta") for key, shape in load_manifest(variant)}
     name, feature_reuse, relation_reuse = VARIANTS[variant]
-    assert layout_of(weights) == (name, dict(feature_reuse=feature_reuse, relation_reuse=relation_reuse))
+    assert guess_model(weights) == (name, dict(feature_reuse=feature_reuse, relation_reuse=relation_reuse))
 
 
 def test_original_release_without_model_name(labelled, tmp_path, capsys):

@@ -5,10 +5,15 @@ import pytest
 import torch
 from timm.optim import create_optimizer_v2
 
-from utils.distributed import DistEnv
 from utils.errors import ConfigError
-from utils.steps import (
-    NonFiniteLossError, StepGuard, fused_kwargs, parse_injections, scaler_scale, scaler_skipped,
+from utils.run.distributed import DistEnv
+from utils.train.guard import (
+    NonFiniteLossError,
+    StepGuard,
+    fused_kwargs,
+    parse_injections,
+    scaler_scale,
+    scaler_skipped,
 )
 
 

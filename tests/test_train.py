@@ -22,9 +22,9 @@ import main as train_main
 from fake_data import make_fake_cifar
 from models.dvt import DVT, to_original_state_dict
 from models.registry import MODEL_CFGS
-from utils.checkpoint import atomic_save, load_checkpoint_file
-from utils.cifar import CIFAR10Files, CIFAR100Files, load_cifar
-from utils.data import EpochSampler, SeededDataset
+from utils.checkpoint.files import atomic_save, load_checkpoint_file
+from utils.data.cifar import CIFAR10Files, CIFAR100Files, load_cifar
+from utils.data.loader import EpochSampler, SeededDataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -485,7 +485,8 @@ def original_training_checkpoint(path: Path, with_ema: bool = True) -> tuple[dic
 
 
 def test_original_training_checkpoint_gives_its_ema_weights(tmp_path):
-    from utils.checkpoint import CheckpointError, build_from_checkpoint, checkpoint_weights
+    from utils.checkpoint.weights import build_from_checkpoint, checkpoint_weights
+    from utils.errors import CheckpointError
 
     raw, ema = original_training_checkpoint(tmp_path / "model_best.pth.tar")
     checkpoint = load_checkpoint_file(tmp_path / "model_best.pth.tar")  # its options Namespace loads safely

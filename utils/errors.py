@@ -24,3 +24,16 @@ class CheckpointWriteError(CheckpointError):
                          "if any, is left as it was: make room or fix the folder, then run again (a training run: "
                          "--resume its last.pth.tar)")
         self.errno = cause.errno
+
+
+def one_line(error: BaseException) -> str:
+    """The meaningful line of an error, as the commands print it after ``error:``. Errors raised
+    in DataLoader workers come back with the worker's whole traceback in the message; keep its
+    last line, without the exception's type name."""
+    text = str(error).strip()
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and " " not in head else last
+    lines = text.splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import dataclass
@@ -119,3 +120,10 @@ def resolve_precision(requested: Optional[str], device: torch.device) -> Precisi
                            f"bfloat16 needs 8.0 (Ampere) or newer, so it is emulated and slower than float16")
         return Precision(torch.bfloat16, warning=warning)
     return Precision(torch.float16, needs_scaler=True)
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for the device, or nothing when ``amp_dtype`` is None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)

@@ -1,0 +1,2 @@
+"""Data: image folders and their listing, tar shards, CIFAR, class names, image reading and
+the bad-image policy, transforms, samplers and loaders, and the demo's generated dataset."""

@@ -1,0 +1,55 @@
+"""Image folders as datasets: ``root/train`` and ``root/val`` ImageFolders listed with
+:func:`utils.data.scan.scan_image_folder`, with errors that name the folder or file at fault."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torchvision import datasets
+
+from ..errors import DataError
+from .images import load_rgb
+from .scan import IMG_EXTENSIONS, list_classes, scan_image_folder
+
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """``root/split`` (``root`` with or without a trailing slash), or a DataError saying what is missing."""
+    root = Path(os.path.expanduser(str(root)))
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    path = root / split
+    if not path.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(
+            f"dataset folder {root} has no '{split}/' folder (expected train/ and val/ ImageFolders; "
+            f"found: {', '.join(found) if found else 'no folders'})")
+    return path
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with errors that name the folder or file at fault, listed by
+    :func:`utils.data.scan.scan_image_folder` (the same classes and order; symbolic-link loops,
+    hidden and AppleDouble files are harmless, long listings report progress)."""
+
+    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None):
+        try:
+            super().__init__(str(root), transform=transform, loader=load_rgb)
+        except FileNotFoundError as e:
+            raise DataError(f"no usable images in {root}: {e}") from None
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = list_classes(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory: str | os.PathLike, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        listed = scan_image_folder(directory, extensions or IMG_EXTENSIONS)
+        if listed.class_to_idx != class_to_idx:
+            raise DataError(f"the class folders of {directory} changed while it was being listed")
+        return listed.samples
+
+
+def build_split(root: str | os.PathLike, split: str, transform: Optional[Callable]) -> ImageFolder:
+    """The ImageFolder at ``root/split``."""
+    return ImageFolder(split_dir(root, split), transform=transform)

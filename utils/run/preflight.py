@@ -1,0 +1,123 @@
+"""Checks made before a run writes anything or starts long work.
+
+Each raises the error type whose one ``error: ...`` line the command-line tools print, naming
+the file at fault and what to do. None of them changes anything on disk.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError, DataError
+
+MiB = 2 ** 20
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(folder: str | os.PathLike, need_bytes: int = 0, flag: str = "--output",
+                        label: Optional[str] = None) -> None:
+    """``folder`` (existing or to be created) can hold the run's files.
+
+    Args:
+        folder: where the files will go.
+        need_bytes: free space the run needs there (0: no check).
+        flag: the option that named the folder, for the message.
+        label: how the message names what was asked for (default: ``flag folder``).
+
+    Raises:
+        ConfigError: a file where a folder is needed, a folder that cannot be written, or too
+            little free space.
+    """
+    folder = Path(folder)
+    label = label or f"{flag} {folder}"
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        what = "is a file" if existing.is_file() else "is not a folder"
+        raise ConfigError(f"{label}: {existing} {what}; pass a folder (it is created if missing)")
+    reason = None
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        reason = "it is on a read-only file system"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = "permission denied"
+    if reason:
+        raise ConfigError(f"{label}: cannot write in {existing} ({reason}); pass a writable folder with {flag}")
+    if need_bytes > 0:
+        free = shutil.disk_usage(existing).free
+        if free < need_bytes:
+            raise ConfigError(f"{label}: {free / MiB:.1f} MiB free on its disk, the run needs about "
+                              f"{need_bytes / MiB:.1f} MiB (two checkpoints); free some space or pass another "
+                              + flag)
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> None:
+    """``path`` can be written as a file (its folder is created if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; pass a file name")
+    check_output_folder(path.parent, 0, flag, label=f"{flag} {path}")
+
+
+def checkpoint_bytes(model: torch.nn.Module, copies: int = 4) -> int:
+    """Size of a training checkpoint of ``model``: ``copies`` float32 copies of its weights
+    (model, EMA and the two AdamW moments by default), plus a little for the rest."""
+    params = sum(t.numel() for t in model.state_dict().values())
+    return copies * 4 * params + MiB
+
+
+def non_finite_options(values: Mapping[str, Any]) -> list[str]:
+    """Names of the float options (single or lists) holding NaN or infinity."""
+    bad = []
+    for name, value in values.items():
+        items: Iterable[Any] = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            bad.append(name)
+    return bad
+
+
+def check_finite_options(values: Mapping[str, Any]) -> None:
+    """Raise a ConfigError naming the first option that is NaN or infinite."""
+    bad = non_finite_options(values)
+    if bad:
+        name = bad[0]
+        raise ConfigError(f"--{name.replace('_', '-')} {values[name]} is not a finite number")
+
+
+def check_image_sizes(paths: Sequence[str], stop: Optional[Callable[[], Optional[int]]] = None) -> None:
+    """Read the header of every image (not its pixels) so that a decompression bomb, an image
+    over Pillow's pixel limit, stops the run before the training rather than when the
+    validation after the first epoch reaches it.
+
+    Args:
+        paths: image files.
+        stop: called every few hundred files; a non-zero return (a signal number) raises
+            :class:`utils.data.scan.ScanInterrupted`.
+
+    Raises:
+        DataError: naming the file over the limit.
+    """
+    from PIL import Image
+
+    from ..data.scan import ScanInterrupted
+
+    for i, path in enumerate(paths):
+        if stop is not None and i % 256 == 0 and stop():
+            raise ScanInterrupted(stop(), str(Path(path).parent))
+        try:
+            with Image.open(path):
+                pass
+        except Image.DecompressionBombError as e:
+            raise DataError(f"cannot read image {path}: {e} (remove it, or raise PIL.Image.MAX_IMAGE_PIXELS if "
+                            "it is genuine)") from None
+        except (OSError, SyntaxError, ValueError):
+            continue  # unreadable files follow the bad-image policy when they are loaded

@@ -1,0 +1,2 @@
+"""Training: the loop over epochs and steps, the guard against non-finite steps, the recipe's
+parts (optimizer, schedule, EMA, mixup) and reproducible randomness."""
