@@ -76,7 +76,7 @@ class Plan:
     train_batch: int
     compile_cases: list[tuple[str, str]]
     compile_backend: str = "inductor"
-    compile_min_s: float = 60.0  # no compilation starts with less time than this left
+    compile_min_s: float = 45.0  # no compilation starts with less time than this left
     budget_index: int = 10
     not_here: list[str] = field(default_factory=list)  # what this plan leaves to a GPU
 
