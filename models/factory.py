@@ -16,13 +16,12 @@ import torch.nn as nn
 
 from .baseline import SingleExit
 from .dvt import checkpoint_filter_fn
-from .registry import MODEL_CFGS, build_dvt
+from .registry import MODEL_CFGS, TIMM_ARGS, build_dvt
 
 __all__ = ["create_cascade", "describe_guess", "guess_model", "is_cascade_name", "is_single_exit",
            "model_from_checkpoint"]
 
 _SWITCHES = ("feature_reuse", "relation_reuse")
-_TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def is_cascade_name(name: str) -> bool:
@@ -52,7 +51,7 @@ def create_cascade(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
         return build_dvt(name, pretrained, **kwargs)
     if not timm.is_model(name):
         raise ValueError(f"unknown model {name!r}: neither a DVT model ({', '.join(MODEL_CFGS)}) nor a timm model")
-    model_kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_ARGS}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_ARGS}
     switches = {k: kwargs.pop(k) for k in _SWITCHES if k in kwargs}
     net = timm.create_model(name, pretrained=pretrained, **kwargs)
     if hasattr(net, "num_exits"):  # a cascade registered under another name: it takes the switches

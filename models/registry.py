@@ -42,6 +42,11 @@ default_cfgs = generate_default_cfgs({
     for name, cfg in MODEL_CFGS.items()})
 
 
+# Arguments of timm's builder, not of the model (``pretrained_model_args``: what a model folder's
+# config.json records, passed on by ``timm.create_model("local-dir:...")``).
+TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")
+
+
 def _square(img_size: int | Sequence[int]) -> int:
     """timm passes ``img_size`` as (H, W); a cascade's token grids need square images."""
     if isinstance(img_size, int):
@@ -71,7 +76,7 @@ def build_dvt(name: str, pretrained: bool = False, **kwargs) -> DVT:
     """
     if name not in MODEL_CFGS:
         raise ValueError(f"unknown DVT model {name!r}; choose one of: {', '.join(MODEL_CFGS)}")
-    timm_args = {k: kwargs.pop(k) for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir") if k in kwargs}
+    timm_args = {k: kwargs.pop(k) for k in TIMM_ARGS if k in kwargs}
     model_kwargs = dict(kwargs)  # what a checkpoint needs to rebuild this model
     if pretrained:
         _check_pretrained_source(name, timm_args, kwargs)
@@ -93,7 +98,10 @@ def _check_pretrained_source(name: str, timm_args: dict, kwargs: dict) -> None:
         raise ValueError(
             f"{name}: weights are not downloaded; name a released or trained checkpoint with "
             "pretrained_cfg_overlay=dict(file=PATH), or load one with utils.checkpoint.load_checkpoint(model, path)")
-    if cfg.file and not os.path.isfile(cfg.file):
+    if cfg.source == "local-dir":  # a model folder (config.json + model.safetensors)
+        if not os.path.isfile(os.path.join(cfg.file or "", "model.safetensors")):
+            raise FileNotFoundError(f"no model.safetensors in the model folder {cfg.file}")
+    elif cfg.file and not os.path.isfile(cfg.file):
         raise FileNotFoundError(f"pretrained file not found: {cfg.file}")
     if MODEL_CFGS[name]["backbone"] == "t2t" and kwargs.get("in_chans", cfg.input_size[0]) != cfg.input_size[0]:
         raise ValueError(f"{name}: pretrained T2T weights need in_chans={cfg.input_size[0]}")

@@ -21,6 +21,7 @@ import torch
 from models.pretrained import numpy_safe_globals
 
 from ..errors import CheckpointError, CheckpointWriteError
+from .model_folder import CONFIG_FILE, WEIGHTS_FILE, is_model_folder, read_model_folder
 
 
 def unreadable_checkpoint_reason(path: str | os.PathLike) -> Optional[str]:
@@ -56,15 +57,19 @@ def _safe_globals() -> list:
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``.
+    """Read a checkpoint with ``weights_only=True``, or a model folder (``config.json`` +
+    ``model.safetensors``: :func:`utils.checkpoint.model_folder.read_model_folder`).
 
     Raises:
         CheckpointError: the file is missing, not a checkpoint, or holds pickled objects
             other than tensors, numbers, strings, containers and numpy values.
     """
     path = Path(path)
+    if is_model_folder(path):
+        return read_model_folder(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass a file in it (e.g. {path / 'last.pth.tar'})")
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file or a model folder ({CONFIG_FILE} + "
+                              f"{WEIGHTS_FILE}); pass a file in it (e.g. {path / 'last.pth.tar'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     reason = unreadable_checkpoint_reason(path)

@@ -162,13 +162,18 @@ def build_from_checkpoint(
         checkpoint: the loaded checkpoint dictionary.
         source: its file name, for messages.
         name: a model name the checkpoint's own (``model_name``) must agree with.
-        default_name: the model to build when the checkpoint names none (released files).
+        default_name: the model to build when neither the checkpoint nor ``name`` names one and
+            its weights fit no single registered cascade (:func:`models.factory.guess_model`).
         weights: ``"auto"``, ``"model"`` or ``"ema"`` (see :func:`checkpoint_weights`).
         defaults: constructor arguments for checkpoints that do not store theirs (released
             files); ``num_classes`` defaults to the size of the heads, ``img_size`` to 224.
         overrides: constructor arguments that replace the stored ones (e.g. ``img_size``).
     """
     state_dict, which = checkpoint_weights(dict(checkpoint), weights, source)
+    if name is None and checkpoint.get("model_name") is None and not _original_options(checkpoint):
+        guess = guess_model(state_dict)  # a released file: it does not name its model
+        if guess is not None:
+            default_name, defaults = guess[0], {**guess[1], **(defaults or {})}
     model_name = checkpoint_model_name(checkpoint, source, name, default_name)
     if checkpoint.get("model_name") is not None:
         model = model_from_checkpoint(dict(checkpoint), **overrides)
