@@ -207,3 +207,19 @@ def test_the_script_runs_as_a_command(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_the_release_step_writes_the_folder_beside_the_file(trained_run):
+    released = load_checkpoint_file(trained_run / "released.pth.tar")
+    folder = load_checkpoint_file(trained_run / "released")
+    from_file, _ = build_from_checkpoint(released, "file")
+    from_folder, _ = build_from_checkpoint(folder, "folder")
+    assert from_folder.model_name == from_file.model_name == "DVT_tiny"
+    file_weights, folder_weights = from_file.state_dict(), from_folder.state_dict()
+    assert all(torch.equal(file_weights[k], folder_weights[k]) for k in file_weights)
+    assert torch.equal(torch.as_tensor(released["dynamic_threshold"]).float(), folder["dynamic_threshold"])
+    assert folder["class_names"] == released["class_names"]
+    for key in ("flops", "anytime_classification"):
+        assert folder[key] == [float(v) for v in released[key]]
+    assert folder["budgeted_batch_classification"] == [[float(v) for v in row]
+                                                       for row in released["budgeted_batch_classification"]]

@@ -1,8 +1,9 @@
 """The released checkpoint format: its contents (weights in the original layout, per-exit
 GFLOPs and accuracies, thresholds of the 59 budgets, the budget curve) and its export from a
-trained model."""
+trained model, or from the model of any checkpoint (:func:`model_for_checkpoint`)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -14,9 +15,44 @@ from ..budget.flops import exit_gflops
 from ..budget.stats import anytime_accuracy, collect_exit_stats
 from ..budget.thresholds import DEFAULT_BUDGETS, budget_curve
 from ..data.loader import ShardSampler, make_loader
+from ..errors import CheckpointError
 from ..run.distributed import DistEnv, all_gather_objects, barrier
 from .files import atomic_save
-from .weights import unwrap_model
+from .hub import save_model_folder
+from .weights import build_from_checkpoint, unwrap_model
+
+RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
+
+
+def require_entries(checkpoint: dict, keys: Sequence[str], source: str, purpose: str) -> None:
+    """Stop with a message naming what ``checkpoint`` lacks of ``keys`` and what it holds."""
+    missing = [k for k in keys if k not in checkpoint]
+    if missing:
+        have = ", ".join(map(str, checkpoint)) or "nothing"
+        raise CheckpointError(
+            f"{source} has no {', '.join(repr(k) for k in missing)} entry, needed {purpose} (it holds: {have})")
+
+
+def result_entries(model: nn.Module, flops: Sequence[float], anytime: Sequence[float], thresholds: torch.Tensor,
+                   curve: Sequence[Sequence[float]]) -> dict:
+    """The evaluation results of the released layout (``flops``, ``anytime_classification``,
+    ``dynamic_threshold``, ``budgeted_batch_classification``), with ``model_name`` and
+    ``model_kwargs`` so that the model can be rebuilt from the file alone."""
+    return {
+        "flops": [float(f) for f in flops],
+        "anytime_classification": anytime,
+        "dynamic_threshold": thresholds.clone(),
+        "budgeted_batch_classification": curve,
+        "model_name": getattr(model, "model_name", None),
+        "model_kwargs": dict(getattr(model, "model_kwargs", {})),
+    }
+
+
+def save_with_results(checkpoint: dict, path: str | Path, model: nn.Module, flops: Sequence[float],
+                      anytime: Sequence[float], thresholds: torch.Tensor, curve: Sequence[Sequence[float]]) -> None:
+    """Write ``checkpoint`` to ``path`` with new evaluation results (:func:`result_entries`)
+    in place of its own."""
+    atomic_save({**checkpoint, **result_entries(model, flops, anytime, thresholds, curve)}, path)
 
 
 def released_checkpoint(
@@ -43,15 +79,8 @@ def released_checkpoint(
         state_dict = to_original_state_dict(state_dict)
     val_conf, val_correct = val_stats
     thresholds, curve = budget_curve(val_conf, val_correct, flops, calib_conf=calib_stats[0], budgets=budgets)
-    checkpoint = {
-        "model_state_dict": state_dict,
-        "flops": [float(f) for f in flops],
-        "anytime_classification": anytime_accuracy(val_correct),
-        "dynamic_threshold": thresholds,
-        "budgeted_batch_classification": curve,
-        "model_name": getattr(plain, "model_name", None),
-        "model_kwargs": dict(getattr(plain, "model_kwargs", {})),
-    }
+    checkpoint = {"model_state_dict": state_dict,
+                  **result_entries(plain, flops, anytime_accuracy(val_correct), thresholds, curve)}
     checkpoint.update(extra or {})
     return checkpoint
 
@@ -80,6 +109,13 @@ def sharded_exit_stats(model: nn.Module, dataset: Dataset, env: DistEnv, batch_s
     return full_conf, full_correct
 
 
+def model_folder_beside(path: Path) -> Path:
+    """The model folder (config.json + model.safetensors) written next to a released file:
+    ``released.pth.tar`` -> ``released/``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".tar").removesuffix(".pth") or path.name + ".d")
+
+
 def export_released(
         model: nn.Module,
         val_set: Dataset,
@@ -96,6 +132,7 @@ def export_released(
     thresholds for the 59 budgets fitted on ``calib_set`` and the budget curve on ``val_set``.
     The statistics are computed in float32 whatever the training precision: the thresholds are
     confidences of particular samples, and inference.py evaluates in float32 by default.
+    The same model and results go to a model folder beside it (:func:`model_folder_beside`).
     Every rank must call this; rank 0 writes and returns the checkpoint."""
     plain = unwrap_model(model)
     val_stats = sharded_exit_stats(plain, val_set, env, batch_size, workers, None, progress, "release: val")
@@ -106,5 +143,16 @@ def export_released(
         flops = exit_gflops(plain, plain.img_size)
         checkpoint = released_checkpoint(plain, flops, val_stats, calib_stats, extra=extra)
         atomic_save(checkpoint, path)
+        save_model_folder(plain, checkpoint, model_folder_beside(path), overwrite=True)
     barrier()
     return checkpoint
+
+
+def model_for_checkpoint(args: argparse.Namespace, checkpoint: dict, source: str,
+                         device: torch.device) -> tuple[nn.Module, str]:
+    """The checkpoint's model (its own when it names one, else --model built from the
+    options) with the weights --release-weights picks, on ``device``; and which weights."""
+    model, which = build_from_checkpoint(
+        checkpoint, source, default_name=args.model, weights=args.release_weights,
+        defaults=dict(img_size=args.img_size, feature_reuse=args.feature_reuse, relation_reuse=args.relation_reuse))
+    return model.to(device), which
