@@ -55,6 +55,7 @@ import timm  # noqa: E402
 import models  # noqa: E402,F401  (registers the DVT models)
 from utils.budget.flops import counting_copy, exit_gflops  # noqa: E402
 from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
+from utils.precision import cpu_has_native_bf16  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small"]
@@ -426,7 +427,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=RELEASED)
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
-                        help="default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA")
+                        help="default: fp32, and bf16 where the CPU has it natively; fp32 bf16 fp16 on CUDA")
     parser.add_argument("--baseline", default="deit_small_patch16_224", help="static timm model of the same family")
     parser.add_argument("--original", type=Path, default=None,
                         help="checkout of the original implementation: also time it (fp32)")
@@ -450,14 +451,24 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
+def default_dtypes(device: torch.device) -> list[str]:
+    """fp32, bf16 and fp16 on CUDA; fp32, and bf16 where the CPU computes it natively."""
+    if device.type == "cuda":
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtypes = args.dtypes or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
+    dtypes = args.dtypes or default_dtypes(device)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"machine: {machine_description(device)}")
+    if args.dtypes is None and "bf16" not in dtypes:
+        print("bf16 left out: this CPU has no native bfloat16 (emulated, about 100x slower than fp32); "
+              "pass --dtypes fp32 bf16 to time it anyway")
     peaks = {d: matmul_peak(DTYPES[d], device) for d in dtypes}
     print("matmul peak (2048^3, best of 5): " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()))
     if not args.no_all_exits:

@@ -2,11 +2,9 @@
 the simulated one, the extra outputs, and clear errors for bad input."""
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -23,12 +21,11 @@ from torchvision.transforms import InterpolationMode
 import inference
 import models
 from golden import golden_state_dict, load_manifest
+from helpers import REPO, SUBPROCESS_ENV, printed_results
 from models.dvt import to_original_state_dict
 from utils.budget.plots import BudgetCurve, OperatingPoint, plot_budget_curves
 from utils.budget.thresholds import budget_exit_shares, exit_assignment, find_thresholds
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification")
 IMAGE_SIZES = ((40, 30), (64, 64), (50, 80))  # (width, height); the transforms resize them
 BATCH = 4
 
@@ -178,16 +175,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = inference.main([str(a) for a in argv] + ["--no_progress"])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def printed_results(out: str) -> dict:
-    found = {}
-    for line in out.splitlines():
-        key, sep, value = line.partition(" : ")
-        if sep and key in RESULT_KEYS:
-            found[key] = ast.literal_eval(value)
-    assert set(found) == set(RESULT_KEYS), out
-    return found
 
 
 def common(data_root: Path, ckpt: Path, mode: int, *extra) -> list:
@@ -450,7 +437,7 @@ ERROR_NAMES = list(error_cases(defaultdict(lambda: Path("x")), Path("d"), Path("
 def test_expected_mistakes_give_one_clear_line(case, bad_inputs, data_root, tiny_released, capsys):
     argv, message = error_cases(bad_inputs, data_root, tiny_released)[case]
     code, out, err = run_cli(capsys, *argv)
-    assert code != 0
+    assert code == 1, err
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], err
     assert "Traceback" not in err and "Original" not in lines[-1]
@@ -459,7 +446,7 @@ def test_expected_mistakes_give_one_clear_line(case, bad_inputs, data_root, tiny
 
 def test_checkpoint_of_another_model_names_the_likely_model(data_root, tiny_released, capsys):
     code, _, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_Deit_small"))
-    assert code != 0 and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("error: checkpoint does not fit DVT_Deit_small") and "checkpoint for DVT_tiny" in err
 
@@ -468,8 +455,8 @@ def test_command_line_error_has_no_traceback(bad_inputs):
     proc = subprocess.run(
         [sys.executable, "inference.py", "--data_url", bad_inputs["corrupt_data"], "--checkpoint_path",
          bad_inputs["project"], "--eval_mode", "1", "--workers", "1", "--batch_size", "2", "--device", "cpu",
-         "--no_progress"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+         "--no_progress"], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=SUBPROCESS_ENV)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read image")
@@ -493,7 +480,7 @@ def test_plot_of_several_curves(tmp_path):
 def test_speed_benchmark_runs(capsys):
     """scripts/benchmark.py: every section, with the machine line and a non-DVT baseline built
     for the same image size."""
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
@@ -507,8 +494,26 @@ def test_speed_benchmark_runs(capsys):
     assert "| deit_tiny_patch16_224 |" in out and "| stage 3 relation reuse |" in out
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_speed_benchmark_times_bf16_only_where_native(native, monkeypatch, capsys):
+    """Emulated bf16 (an AVX2-only CPU) takes minutes and says nothing of the model: left out
+    by default, with the reason."""
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device: 100.0)
+    assert bench.default_dtypes(torch.device("cpu")) == (["fp32", "bf16"] if native else ["fp32"])
+    assert bench.default_dtypes(torch.device("cuda")) == ["fp32", "bf16", "fp16"]
+    assert bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "2", "--repeats", "1", "--threads", "1",
+                       "--baseline", "deit_tiny_patch16_224"]) == 0
+    out = capsys.readouterr().out
+    assert ("bf16 left out: this CPU has no native bfloat16" in out) is not native
+    assert ("| this | bf16 |" in out) is native
+
+
 def test_early_exit_benchmark_runs(capsys):
-    spec = importlib.util.spec_from_file_location("bench_early_exit", ROOT / "scripts" / "bench_early_exit.py")
+    spec = importlib.util.spec_from_file_location("bench_early_exit", REPO / "scripts" / "bench_early_exit.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     code = bench.main(["--models", "DVT_tiny", "--batch_size", "8", "--budgets", "10", "40", "--iters", "1",

@@ -3,7 +3,8 @@ training augmentation that behaves the same on every supported Pillow, and norma
 of uint8 batches on the device."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import re
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -11,6 +12,7 @@ from timm.data import auto_augment
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from ..errors import ConfigError
 from .cifar import CIFAR_MEAN, CIFAR_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +45,50 @@ def default_mean_std(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]
     if dataset.startswith("cifar"):
         return CIFAR_MEAN, CIFAR_STD
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+# timm's augmentation specs: "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original-mstd0.5". timm
+# skips sections it cannot parse and asserts on unknown keys; these are checked before a run.
+_AA_SECTIONS = {
+    "rand": {"m": int, "n": int, "mstd": float, "mmax": int, "inc": int, "p": float},
+    "augmix": {"m": int, "w": int, "d": int, "a": float, "b": int, "mstd": float},
+    "auto": {"mstd": float},
+}
+_AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+_AA_EXAMPLES = "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original-mstd0.5 or none"
+
+
+def check_auto_augment(spec: Optional[str], flag: str = "--aa") -> None:
+    """An auto-augmentation spec timm can build, or a ConfigError naming the part at fault.
+
+    Args:
+        spec: ``rand-...``, ``augmix-...``, an AutoAugment policy (``original``, ``v0``, ...)
+            with optional sections, or None / ``""`` / ``none`` for no auto-augmentation.
+        flag: how the message names the option.
+    """
+    if spec in (None, "", "none"):
+        return
+    head, *sections = str(spec).split("-")
+    if head in ("rand", "augmix"):
+        known = _AA_SECTIONS[head]
+    elif head in _AA_POLICIES:
+        known = _AA_SECTIONS["auto"]
+    else:
+        raise ConfigError(f"{flag} {spec}: unknown augmentation {head!r}; use rand-..., augmix-..., one of "
+                          f"{', '.join(_AA_POLICIES)}, or none (e.g. {_AA_EXAMPLES})")
+    for section in sections:
+        if head == "rand" and section.startswith("t"):
+            continue  # a choice of transforms, read by timm
+        match = re.fullmatch(r"([a-z]+)(\d.*)", section)
+        key = match.group(1) if match else section
+        if key not in known:
+            raise ConfigError(f"{flag} {spec}: unknown section {section!r}; {head} takes "
+                              f"{', '.join(k + '<number>' for k in known)} (e.g. {_AA_EXAMPLES})")
+        try:
+            known[key](match.group(2))
+        except ValueError:
+            kind = "an integer" if known[key] is int else "a number"
+            raise ConfigError(f"{flag} {spec}: in section {section!r}, {key} takes {kind}") from None
 
 
 TIMM_POSTERIZE = auto_augment.posterize
