@@ -219,8 +219,8 @@ class OriginalOnDevice(OriginalWorker):
 def original_status(root: Optional[Path]) -> Optional[str]:
     """Why the original implementation cannot run here, or None when it can."""
     if root is None:
-        return ("no checkout of the original implementation on this machine (pass --original PATH or set "
-                "DVT_ORIGINAL to its repository)")
+        return ("no checkout of the original implementation on this machine; pass --original PATH or set "
+                "DVT_ORIGINAL to its repository")
     if not (root / "models_deit.py").is_file():
         return f"{root} is not a checkout of the original implementation (no models_deit.py)"
     return None
