@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from timm.data import auto_augment
 
-import main as train_main
 from fake_data import make_fake_cifar, make_image_folder
+from utils.data.build import build_datasets
 from utils.data.transforms import TIMM_POSTERIZE, augment_ops, guard_posterize, posterize
+from utils.run.train_options import check_args, parse_args
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 SIZE = 48  # training resolution of the test transforms: the ops are the same at any size
@@ -42,10 +43,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def train_transform(data: dict[str, Path], config: Path | None):
     """The training transform exactly as main.py builds it for a recipe (None: its defaults)."""
     argv = ["--config", str(config)] if config else []
-    dataset = train_main.parse_args(argv).dataset
-    args = train_main.parse_args([str(data.get(dataset, data["folder"])), *argv])
-    train_main.check_args(args)
-    train, _, _ = train_main.build_datasets(args, SIZE)
+    dataset = parse_args(argv).dataset
+    args = parse_args([str(data.get(dataset, data["folder"])), *argv])
+    check_args(args)
+    train, _, _ = build_datasets(args, SIZE)
     return train.transform
 
 

@@ -16,7 +16,9 @@ import main as train_main
 from models.baseline import SingleExit
 from models.factory import create_cascade
 from utils.checkpoint.files import load_checkpoint_file
-from utils.train.recipe import scaled_lr
+from utils.run.train_options import check_args, parse_args
+from utils.train.model import initial_model
+from utils.train.recipe import build_optimizer, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -95,13 +97,13 @@ def test_baseline_trains_releases_and_evaluates(tmp_path, image_data, capsys):
 
 
 def test_flags_reach_the_model_and_optimizer(tmp_path, image_data):
-    args = train_main.parse_args(train_args(image_data, tmp_path, "x", "--grad-checkpointing", "--layer-decay", "0.5",
-                                            "--model-kwargs", "depth=2"))
-    train_main.check_args(args)
-    model = train_main.initial_model(args, 3)
+    args = parse_args(train_args(image_data, tmp_path, "x", "--grad-checkpointing", "--layer-decay", "0.5",
+                                 "--model-kwargs", "depth=2"))
+    check_args(args)
+    model = initial_model(args, 3)
     assert all(stage.grad_checkpointing for stage in model.stages) and all(len(s.blocks) == 2 for s in model.stages)
     assert model.model_kwargs["depth"] == 2
-    scales = {g["lr_scale"] for g in train_main.build_optimizer(args, model, 1e-3).param_groups}
+    scales = {g["lr_scale"] for g in build_optimizer(args, model, 1e-3).param_groups}
     assert scales == {1.0, 0.5, 0.25, 0.125}
 
 
@@ -131,7 +133,7 @@ def test_mindspore_recipe_configs():
         "baseline_vit_base_patch32_mindspore": ("vit_base_patch32_224", 64, 8.875e-4),
     }
     for config, (model, batch, lr) in expected_models.items():
-        args = train_main.parse_args(["DATA", "--config", str(REPO / "configs" / f"{config}.yaml")])
+        args = parse_args(["DATA", "--config", str(REPO / "configs" / f"{config}.yaml")])
         assert (args.model, args.batch_size) == (model, batch)
         assert scaled_lr(args, world_size=8) == pytest.approx(lr)  # 8 processes, as the port
         assert (args.warmup_epochs, args.warmup_lr, args.min_lr, args.epochs, args.sched) == (40, 0.0, 0.0, 300, "cosine")

@@ -25,6 +25,8 @@ from models.registry import MODEL_CFGS
 from utils.checkpoint.files import atomic_save, load_checkpoint_file
 from utils.data.cifar import CIFAR10Files, CIFAR100Files, load_cifar
 from utils.data.loader import EpochSampler, SeededDataset
+from utils.run.config import resolved_config
+from utils.run.train_options import check_args, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -152,17 +154,17 @@ ORIGINAL = ["PATH", "--model", "DVT_T2t_vit_12", "--b", "128", "--lr", "2e-3", "
 
 def test_original_command_line_parses():
     # --b would be ambiguous by prefix (the original parser also has --bn-*); it is an explicit alias here
-    args = train_main.parse_args(ORIGINAL + ["--local-rank=3"])
+    args = parse_args(ORIGINAL + ["--local-rank=3"])
     assert (args.data, args.model, args.batch_size, args.lr, args.weight_decay, args.amp, args.img_size) == \
         ("PATH", "DVT_T2t_vit_12", 128, 2e-3, .03, True, 224)
     assert args.local_rank == 3
-    assert train_main.parse_args(ORIGINAL + ["--local_rank", "1"]).local_rank == 1
-    assert train_main.parse_args(["PATH", "-b", "7"]).batch_size == 7
-    args = train_main.parse_args(["--data-dir", "PATH", "--lr", "1e-3"])
-    train_main.check_args(args)
+    assert parse_args(ORIGINAL + ["--local_rank", "1"]).local_rank == 1
+    assert parse_args(["PATH", "-b", "7"]).batch_size == 7
+    args = parse_args(["--data-dir", "PATH", "--lr", "1e-3"])
+    check_args(args)
     assert args.data == "PATH"
     # the original recipe's defaults
-    args = train_main.parse_args(["PATH"])
+    args = parse_args(["PATH"])
     assert (args.aa, args.mixup, args.cutmix, args.smoothing, args.reprob, args.opt, args.sched, args.drop_path,
             args.model_ema, args.model_ema_decay, args.epochs, args.warmup_epochs) == \
         ("rand-m9-mstd0.5-inc1", 0.8, 1.0, 0.1, 0.25, "adamw", "cosine", 0.1, True, 0.99996, 300, 20)
@@ -172,12 +174,12 @@ def test_config_sets_defaults_and_flags_override(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: DVT_tiny\nlr: 2e-3\nweight-decay: .03\nbatch_size: 16\nmodel-ema: false\n"
                    "scale: [0.5, 1.0]\n")
-    args = train_main.parse_args(["DIR", "--config", str(cfg), "--lr", "1e-4"])
+    args = parse_args(["DIR", "--config", str(cfg), "--lr", "1e-4"])
     assert (args.model, args.lr, args.weight_decay, args.batch_size, args.model_ema, args.scale) == \
         ("DVT_tiny", 1e-4, 0.03, 16, False, [0.5, 1.0])
     # every shipped recipe loads
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        train_main.parse_args(["DIR", "--config", str(path)])
+        parse_args(["DIR", "--config", str(path)])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -357,9 +359,9 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, image_data, capsys):
     last = load_checkpoint_file(run_dir(tmp_path, "bf16") / "last.pth.tar")
     assert last["scaler"] is None  # no GradScaler with bfloat16
     # the resolved config written with the run reproduces the settings through --config
-    saved = train_main.parse_args(["--config", str(run_dir(tmp_path, "bf16") / "config.yaml")])
-    train_main.check_args(saved)
-    assert train_main.resolved_config(saved) == last["config"]
+    saved = parse_args(["--config", str(run_dir(tmp_path, "bf16") / "config.yaml")])
+    check_args(saved)
+    assert resolved_config(saved) == last["config"]
     assert (saved.amp, saved.epochs, saved.img_size, saved.model) == (True, 1, 32, "DVT_tiny")
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert train_main.main(base_args(image_data, tmp_path, "fp16", "--amp-dtype", "float16")) == 2

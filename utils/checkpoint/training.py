@@ -1,5 +1,6 @@
-"""Training checkpoints: the whole training state written by every rank's share, restored
-exactly, and the checks that a checkpoint fits the run about to resume from it."""
+"""Training checkpoints: the whole training state written by every rank's share (a run's
+``last.pth.tar`` and ``best.pth.tar``: :class:`Checkpoints`), restored exactly, and the checks
+that a checkpoint fits the run about to resume from it."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,11 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
 from ..run.distributed import DistEnv, all_gather_objects, barrier
+from ..run.folder import BEST, LAST
+from ..train.loop import ExitMeter, TrainContext
 from ..train.rng import capture_rng_state, restore_rng_state
 from .files import atomic_copy, atomic_save
-from .weights import CHECKPOINT_FORMAT, checkpoint_weights, load_weights, unwrap_model
+from .weights import CHECKPOINT_FORMAT, checkpoint_weights, is_training_checkpoint, load_weights, unwrap_model
 
 _logger = logging.getLogger("dvt.train")
 
@@ -130,6 +133,48 @@ def restore_training_state(checkpoint: Mapping[str, Any], env: DistEnv, model: n
         _logger.warning(f"the checkpoint was written by {len(per_rank)} processes, this run has "
                         f"{env.world_size}: the run continues, but not exactly as it would have")
     return point
+
+
+class Checkpoints:
+    """The run's training checkpoints (``last.pth.tar``, ``best.pth.tar``), built from its parts.
+
+    It holds the parts themselves, not the loaders or the training context, so that the
+    context's recovery callback makes no reference cycle that would keep loader workers alive.
+    """
+
+    def __init__(self, folder: Path, env: DistEnv, config: dict, model: nn.Module, ctx: TrainContext,
+                 point: ResumePoint, class_names: Optional[list[str]] = None) -> None:
+        self.folder, self.env, self.config, self.model, self.point = folder, env, config, model, point
+        self.parts = (ctx.optimizer, ctx.model_ema, ctx.loss_scaler, ctx.lr_scheduler)
+        self.class_names = class_names
+
+    def save(self, epoch: int, step: int, updates: int, meter: Optional[ExitMeter] = None,
+             metrics: Optional[dict] = None, best: bool = False) -> None:
+        """Every rank calls this; rank 0 writes ``last.pth.tar`` (and ``best.pth.tar``)."""
+        optimizer, model_ema, loss_scaler, lr_scheduler = self.parts
+        point = self.point
+
+        def build(per_rank: list[dict]) -> dict:
+            checkpoint = training_checkpoint(self.model, optimizer, epoch, step, updates, self.config, per_rank,
+                                             model_ema, loss_scaler, lr_scheduler, point.best_metric, point.best_epoch,
+                                             metrics)
+            if self.class_names is not None:
+                checkpoint["class_names"] = list(self.class_names)
+            return checkpoint
+
+        save_training_state(self.folder / LAST, build, self.env, meter, also=[self.folder / BEST] if best else [])
+
+    def save_recovery(self, step: int, updates: int, meter: ExitMeter) -> None:
+        """Within the epoch under way (``point.epoch``)."""
+        self.save(self.point.epoch, step, updates, meter)
+
+
+def require_training_checkpoint(checkpoint: Mapping[str, Any], path: str) -> None:
+    """Raise a ConfigError unless ``checkpoint`` (``--resume path``) is a training checkpoint
+    of main.py."""
+    if not is_training_checkpoint(checkpoint):
+        raise ConfigError(f"--resume {path}: not a training checkpoint of main.py (last.pth.tar or "
+                          "best.pth.tar); to start from weights only use --initial-checkpoint or --finetune")
 
 
 def state_layout(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

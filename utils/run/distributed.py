@@ -174,7 +174,7 @@ def run_key(config: Mapping[str, Any]) -> str:
     the folder, worker count or logging), different when the model, data recipe or seed differ.
 
     Args:
-        config: the run's resolved settings (``main.resolved_config``).
+        config: the run's resolved settings (:func:`utils.run.config.resolved_config`).
     """
     identity = {k: v for k, v in sorted(config.items()) if k not in NOT_IDENTITY}
     text = json.dumps(identity, sort_keys=True, default=str)

@@ -2,18 +2,29 @@
 
 Each raises the error type whose one ``error: ...`` line the command-line tools print, naming
 the file at fault and what to do. None of them changes anything on disk.
+:func:`check_before_run` makes those of a training run.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
+from ..checkpoint.files import load_checkpoint_file
+from ..checkpoint.training import check_not_rewinding, check_resumable, require_training_checkpoint, state_layout
+from ..data.cifar import CIFAR_NUM_CLASSES
+from ..data.classes import check_split_classes
+from ..data.folders import split_dir
+from ..data.scan import list_classes
+from ..data.shards import tar_split
 from ..errors import ConfigError, DataError
+from ..train.model import create_dvt
+from .folder import LAST
 
 MiB = 2 ** 20
 
@@ -121,3 +132,55 @@ def check_image_sizes(paths: Sequence[str], stop: Optional[Callable[[], Optional
                             "it is genuine)") from None
         except (OSError, SyntaxError, ValueError):
             continue  # unreadable files follow the bad-image policy when they are loaded
+
+
+class PreChecked(NamedTuple):
+    """What the checks before a run found: the dataset's class names (None where only the
+    loaded dataset knows them) and the --resume checkpoint, already read."""
+    class_names: Optional[list[str]]
+    resume_checkpoint: Optional[dict]
+
+
+def estimated_checkpoint_bytes(args: argparse.Namespace, num_classes: int) -> int:
+    """Size of one training checkpoint of --model (weights, AdamW moments, EMA), from a model
+    built on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = create_dvt(args, num_classes)
+    return checkpoint_bytes(model, copies=3 + int(args.model_ema))
+
+
+def check_before_run(args: argparse.Namespace, folder: Path) -> PreChecked:
+    """Everything that can be checked before the run writes anything or lists its images: the
+    class folders of train and val, the --resume checkpoint, the output folder and its space."""
+    class_names = None
+    tars = any(tar_split(args.data, split) is not None for split in (args.train_split, args.val_split))
+    if args.dataset not in CIFAR_NUM_CLASSES and not tars:  # tar shards: checked once listed
+        train_dir, val_dir = split_dir(args.data, args.train_split), split_dir(args.data, args.val_split)
+        class_names = list_classes(train_dir)
+        check_split_classes(class_names, list_classes(val_dir), args.data, args.train_split, args.val_split)
+    num_classes = args.num_classes or (len(class_names) if class_names else CIFAR_NUM_CLASSES.get(args.dataset, 1000))
+    checkpoint = None
+    if args.resume:
+        checkpoint = _checked_resume(args, folder, class_names, num_classes)
+        need = 2 * os.path.getsize(args.resume)
+    else:
+        need = 2 * estimated_checkpoint_bytes(args, num_classes)
+    resumed_in_place = args.resume and not args.experiment  # the run folder is the checkpoint's
+    label = f"the run folder {folder}" if resumed_in_place else f"--output {args.output}"
+    check_output_folder(folder, need, label=label)
+    return PreChecked(class_names, checkpoint)
+
+
+def _checked_resume(args: argparse.Namespace, folder: Path, class_names: Optional[list[str]],
+                    num_classes: int) -> dict:
+    """The --resume checkpoint, read and checked: it fits --model, the image size and the
+    classes, it is a training checkpoint, and resuming from it rewinds no later one."""
+    checkpoint = load_checkpoint_file(args.resume)
+    layout = None
+    if checkpoint.get("model_name") not in (None, args.model):  # maybe a renamed variant of the same model
+        with torch.device("meta"):
+            layout = state_layout(create_dvt(args, num_classes).state_dict())
+    check_resumable(checkpoint, args.resume, args.model, args.img_size, class_names, num_classes, layout)
+    require_training_checkpoint(checkpoint, args.resume)
+    check_not_rewinding(args.resume, folder, checkpoint, LAST)
+    return checkpoint

@@ -226,54 +226,62 @@ def train_one_epoch(
         loader.reset()
     model.train()
     step, interrupted, samples, bad_images = start_step, False, 0, 0
-    sync_every = ctx.log_interval or 50
     started = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {epoch}", disable=not ctx.progress,
                leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(loader, start=start_step):
-        seed_all(derive_seed(ctx.seed, STREAM_STEP, env.rank, epoch, step))
-        outputs, losses, hard = _forward(model, ctx, images, targets)
-        losses = guard.poison(losses, epoch, step)
-        num_updates, bad = _update(model, plain, ctx, losses.sum(), num_updates, guard)
-        guard.record(bad, epoch, step)
-        _count(meter, outputs, losses, hard, bad)
-        samples += hard.shape[0] * env.world_size
+        num_updates, batch = _train_step(model, plain, ctx, meter, images, targets, epoch, step, num_updates)
+        samples += batch * env.world_size
         bar.update(1)
-        last = step + 1 == total_steps
-        recover = bool(ctx.recovery_interval and ctx.save_recovery is not None and not last
-                       and (step + 1) % ctx.recovery_interval == 0)
-        if not (last or recover or (step + 1) % sync_every == 0):
-            continue
-        stop, bad_images = _sync_point(ctx, loader, meter, bar, f"train {epoch} [{step + 1:>5d}/{total_steps}]",
-                                       samples / max(time.perf_counter() - started, 1e-9),
-                                       last or (step + 1) % sync_every == 0)
+        stop, bad_images = _sync_point(ctx, loader, meter, bar, epoch, step + 1, total_steps, num_updates,
+                                       samples / max(time.perf_counter() - started, 1e-9), bad_images)
         if stop:
-            interrupted = True
-            step += 1
+            interrupted, step = True, step + 1
             break
-        if recover:
-            ctx.save_recovery(step + 1, num_updates, meter)
     else:
         step = total_steps
     bar.close()
-    elapsed = time.perf_counter() - started
-    metrics = meter.metrics()
-    metrics["lr"] = _lr(ctx.optimizer)
-    rate = samples / elapsed if samples else 0.0
-    metrics["img_per_s"] = rate
+    rate = samples / (time.perf_counter() - started) if samples else 0.0
+    metrics = {**meter.metrics(), "lr": _lr(ctx.optimizer), "img_per_s": rate}
     return EpochResult(metrics, num_updates, step, interrupted, rate, meter, guard.reported - skipped_before,
                        bad_images)
 
 
-def _sync_point(ctx: TrainContext, loader: Any, meter: ExitMeter, bar: Any, where: str, rate: float,
-                log: bool) -> tuple[bool, int]:
-    """The batched host read of a step (stop request, skip counters, unreadable images), the
-    unreadable-image limit and the log line; returns (stop on every rank, unreadable images)."""
+def _train_step(model: nn.Module, plain: nn.Module, ctx: TrainContext, meter: ExitMeter, images: torch.Tensor,
+                targets: torch.Tensor, epoch: int, step: int, num_updates: int) -> tuple[int, int]:
+    """One step with the global RNGs seeded from (seed, rank, epoch, step): the forward pass,
+    the update (skipped on every rank when the loss is not finite on one of them) and the
+    step's metrics; returns (the updates done, the batch size)."""
+    guard = ctx.guard
+    seed_all(derive_seed(ctx.seed, STREAM_STEP, ctx.env.rank, epoch, step))
+    outputs, losses, hard = _forward(model, ctx, images, targets)
+    losses = guard.poison(losses, epoch, step)
+    num_updates, bad = _update(model, plain, ctx, losses.sum(), num_updates, guard)
+    guard.record(bad, epoch, step)
+    _count(meter, outputs, losses, hard, bad)
+    return num_updates, hard.shape[0]
+
+
+def _sync_point(ctx: TrainContext, loader: Any, meter: ExitMeter, bar: Any, epoch: int, done: int, total: int,
+                num_updates: int, rate: float, bad_images: int) -> tuple[bool, int]:
+    """After ``done`` of the epoch's ``total`` steps. At a sync point (every ``log_interval``
+    steps, or 50 without logging; at the end; before a recovery checkpoint): the batched host
+    read of the stop request, the skip counters and the unreadable images, the unreadable-image
+    limit, the log line and, unless stopping, the recovery checkpoint. Returns (stop on every
+    rank, unreadable images so far: ``bad_images`` between sync points)."""
+    last = done == total
+    log = last or done % (ctx.log_interval or 50) == 0
+    recover = bool(ctx.recovery_interval and ctx.save_recovery is not None and not last
+                   and done % ctx.recovery_interval == 0)
+    if not (log or recover):
+        return False, bad_images
     sync = ctx.guard.sync(ctx.stop is not None and ctx.stop.requested, getattr(loader, "count", 0))
     if sync.bad_images:
         check_bad_fraction(sync.bad_images, len(loader.dataset), ctx.bad_image_fraction)
     if ctx.log_interval and (log or sync.stop):
-        _log_step(ctx, meter, bar, where, rate)
+        _log_step(ctx, meter, bar, f"train {epoch} [{done:>5d}/{total}]", rate)
+    if recover and not sync.stop:
+        ctx.save_recovery(done, num_updates, meter)
     return sync.stop, sync.bad_images
 
 
