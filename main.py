@@ -51,7 +51,7 @@ from utils.run.config import resolved_config, write_config
 from utils.run.distributed import DistEnv, agreed_flags, cleanup_distributed, setup_distributed
 from utils.run.folder import BEST, CONFIG_FILE, LAST, RELEASED, claim_run_folder, run_folder
 from utils.run.preflight import PreChecked, check_before_run, check_writable_file
-from utils.run.records import CsvSummary, add_file_log, prefixed, remove_logging, setup_logging
+from utils.run.records import CsvSummary, TensorBoardLog, add_file_log, prefixed, remove_logging, setup_logging
 from utils.run.signals import Interrupted, StopSignal, signals_raise
 from utils.run.train_options import check_args, parse_args
 from utils.train.guard import NonFiniteLossError, StepGuard, parse_injections
@@ -281,6 +281,7 @@ class Run:
         self.evaluate_ema = ctx.model_ema is not None and not args.model_ema_force_cpu
         self.class_names = class_names
         self.checkpoints = Checkpoints(folder, env, config, model, ctx, point, class_names)
+        self.tensorboard = TensorBoardLog(folder, point.epoch) if args.tensorboard and env.is_main else None
         ctx.save_recovery = self.checkpoints.save_recovery
 
     def train_epoch(self, epoch: int, stop: StopSignal) -> None:
@@ -331,12 +332,16 @@ class Run:
         self.checkpoints.save(epoch + 1, 0, point.num_updates, metrics=score_metrics, best=is_best)
         if env.is_main:  # after the checkpoint it describes: a failed save leaves no row to repeat on resume
             self.summary.write(row)
+            if self.tensorboard is not None:
+                self.tensorboard.write(row)
         _logger.info(f"epoch {epoch}: {args.eval_metric} {score:.4f} (best {point.best_metric:.4f} at epoch "
                      f"{point.best_epoch}), {result.images_per_second:.1f} img/s training, saved {self.folder / LAST}")
 
     def release(self) -> None:
         """released.pth.tar from the best checkpoint's weights (EMA or model, --release-weights)."""
         args, folder, point = self.args, self.folder, self.point
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if point.best_epoch is not None:
             _logger.info(f"best {args.eval_metric}: {point.best_metric:.4f} (epoch {point.best_epoch})")
         if not (args.release and (folder / BEST).is_file()):

@@ -17,11 +17,13 @@ from models.factory import is_cascade_name, is_single_exit
 from ..data.cifar import CIFAR_NUM_CLASSES
 from ..data.images import BAD_IMAGE_POLICIES
 from ..data.loader import CALIB_SEED
+from ..data.transforms import check_auto_augment
 from ..errors import ConfigError
 from ..train.guard import parse_injections
 from ..train.recipe import mixup_active
 from .config import ModelKwargs, parse_with_config
 from .preflight import check_finite_options
+from .records import tensorboard_missing
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 DATASETS = ("imagenet", "folder", "cifar10", "cifar100")
@@ -230,6 +232,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="deterministic kernels, for bit-exact resume (slower): torch's deterministic algorithms "
                         "(an operation without one stops the run with an error), deterministic cuDNN and cuBLAS "
                         "(CUBLAS_WORKSPACE_CONFIG=:4096:8), attention on the math kernel only")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the epoch metrics (per-exit loss and top-1, dynamic top-1 at a few budgets, "
+                        "learning rate, img/s, skipped steps) as TensorBoard scalars in RUN_FOLDER/tensorboard")
     g.add_argument("--log-interval", type=int, default=50, metavar="N",
                    help="steps between log lines (and between reads of the stop flag and skip counters)")
     g.add_argument("--max-bad-steps", type=int, default=10, metavar="K",
@@ -299,5 +304,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-bad-steps must be >= 0 (0: never stop), got {args.max_bad_steps}")
     if not 0 <= args.bad_images_max_fraction <= 1:
         raise ConfigError(f"--bad-images-max-fraction must be between 0 and 1, got {args.bad_images_max_fraction}")
+    check_auto_augment(args.aa)
+    if args.tensorboard and tensorboard_missing():
+        raise ConfigError(tensorboard_missing())
     parse_injections(args.inject_nonfinite)
     check_finite_options(vars(args))
