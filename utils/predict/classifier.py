@@ -159,6 +159,38 @@ class DVTClassifier:
         choice = choose_thresholds(checkpoint, net.num_exits, thresholds, budget, budget_index, source)
         return cls(net, choice, exit_costs(net, checkpoint, source), device, amp, label_type)
 
+    @classmethod
+    def from_onnx(
+            cls,
+            folder: str | os.PathLike,
+            budget: Optional[float] = None,
+            budget_index: Optional[int] = None,
+            thresholds: Optional[Sequence[float]] = None,
+            class_names: Optional[Sequence[str] | str | os.PathLike] = None,
+            label_type: str = "description",
+            img_size: Optional[int] = None,
+            providers: Optional[Sequence[str]] = None,
+            threads: Optional[int] = None,
+    ) -> "DVTClassifier":
+        """Load a folder written by ``scripts/export_onnx.py``: the stages run in ONNX Runtime
+        (:class:`utils.predict.onnx_runtime.OnnxCascade`, real early exit between them), with
+        the preprocessing, exit costs, class names and threshold choice the checkpoint gives,
+        kept in the folder's JSON. Needs onnxruntime (requirements-deploy.txt).
+
+        Args:
+            folder: the exported folder.
+            budget, budget_index, thresholds, class_names, label_type: as :meth:`from_checkpoint`.
+            img_size: the size expected; a folder exported for another is refused.
+            providers, threads: ONNX Runtime execution providers and threads per session
+                (see :class:`utils.predict.onnx_runtime.OnnxCascade`).
+        """
+        from .onnx_runtime import OnnxCascade  # onnxruntime is an optional dependency
+
+        net = OnnxCascade(folder, providers=providers, threads=threads, img_size=img_size)
+        attach_class_names(net, net.info, str(folder), class_names)
+        choice = choose_thresholds(net.info, net.num_exits, thresholds, budget, budget_index, str(folder))
+        return cls(net, choice, net.flops, "cpu", None, label_type)
+
     @property
     def num_exits(self) -> int:
         return len(self.flops)
