@@ -80,6 +80,7 @@ def run_demo(output: Path, data: Path, quick: bool = False, tolerance: float = 0
     sys.path.insert(0, str(ROOT / "scripts"))
     import visualize_exits
 
+    from utils.budget.report import RESULTS_JSON
     from utils.data.synthetic import make_shapes_dataset
 
     if threads:
@@ -112,7 +113,7 @@ def run_demo(output: Path, data: Path, quick: bool = False, tolerance: float = 0
                  "--save_checkpoint", str(evaluated)]
     seconds["evaluate"] = _step("3/5 per-exit accuracy and budgeted batch classification (inference.py)",
                                 "inference.py", inference.main, eval_argv)
-    results = json.loads((output / inference.RESULTS_JSON).read_text())
+    results = json.loads((output / RESULTS_JSON).read_text())
     flops, anytime = results["flops"], results["anytime_classification"]
     curve_gflops, curve_top1 = results["budgeted_batch_classification"]
     index = matching_budget(curve_gflops, curve_top1, anytime[-1], tolerance)
@@ -127,7 +128,7 @@ def run_demo(output: Path, data: Path, quick: bool = False, tolerance: float = 0
     seconds["early_exit"] = _step(
         f"4/5 real early exit at the cheapest budget within {tolerance} points of the last exit (inference.py)",
         "inference.py", inference.main, early_argv)
-    early = json.loads((early_dir / inference.RESULTS_JSON).read_text())["early_exit"][0]
+    early = json.loads((early_dir / RESULTS_JSON).read_text())["early_exit"][0]
 
     picture = output / "exits.png"
     vis_argv = ["--data_url", str(data), "--checkpoint_path", str(evaluated), "--budget_index", str(budget_index),
@@ -144,7 +145,7 @@ def run_demo(output: Path, data: Path, quick: bool = False, tolerance: float = 0
         early_exit_top1=early["top1"], early_exit_images_per_second=early["images_per_second"],
         all_exits_images_per_second=early["all_exits_images_per_second"],
         measured_speedup=early["measured_speedup"], flops_speedup=early["flops_speedup"],
-        outputs=dict(plot=str(output / "accuracy_vs_gflops.png"), results=str(output / inference.RESULTS_JSON),
+        outputs=dict(plot=str(output / "accuracy_vs_gflops.png"), results=str(output / RESULTS_JSON),
                      exits=str(picture), checkpoint=str(evaluated)),
         seconds=seconds)
     (output / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_dvt  # noqa: E402
 from models.deploy import export_stages, load_stages, save_stages  # noqa: E402
 from models.dvt import run_early_exit  # noqa: E402
-from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
+from utils.budget.thresholds import find_budget_thresholds  # noqa: E402
 from utils.checkpoint.weights import load_checkpoint  # noqa: E402
 from utils.errors import CheckpointError  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         thresholds = torch.tensor(args.thresholds)
     else:
         conf = torch.stack(model(x)).float().softmax(-1).amax(-1).cpu()  # (E, B)
-        thresholds = find_thresholds(conf, budget_exit_shares(args.budget_index, model.num_exits)[None])[0]
+        thresholds = find_budget_thresholds(conf, [args.budget_index])[0]
 
     start = time.perf_counter()
     paths = save_stages(export_stages(model, x), args.out)

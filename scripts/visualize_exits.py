@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,94 +38,69 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models import DVT  # noqa: E402
+from utils.budget.choice import full_thresholds, stored_thresholds  # noqa: E402
 from utils.budget.flops import exit_gflops  # noqa: E402
-from utils.budget.stats import collect_exit_stats  # noqa: E402
-from utils.budget.thresholds import FINAL_THRESHOLD, thresholds_for_budget  # noqa: E402
+from utils.budget.stats import (  # noqa: E402
+    EarlyExitRun,
+    collect_early_exit,
+    collect_exit_stats,
+    exit_shares,
+    expected_gflops,
+)
+from utils.budget.thresholds import thresholds_for_budget  # noqa: E402
 from utils.checkpoint.files import load_checkpoint_file  # noqa: E402
 from utils.checkpoint.weights import build_from_checkpoint  # noqa: E402
 from utils.data.folders import build_split  # noqa: E402
-from utils.data.loader import seeded_subset  # noqa: E402
+from utils.data.loader import make_loader, seeded_subset  # noqa: E402
 from utils.data.synthetic import read_manifest  # noqa: E402
 from utils.data.transforms import eval_transform  # noqa: E402
-from utils.errors import CheckpointError, DataError  # noqa: E402
+from utils.errors import CheckpointError, ConfigError, DataError  # noqa: E402
 
-__all__ = [
-    "ExitRun", "run_early_exit", "parse_thresholds", "choose_thresholds", "format_threshold",
-    "pick_examples", "draw_exits", "visualize", "main",
-]
+__all__ = ["parse_thresholds", "resolve_thresholds", "format_threshold", "pick_examples", "draw_exits", "visualize",
+           "main"]
 
 
-class UsageError(ValueError):
-    """Options that do not fit together."""
-
-
-class ExitRun(NamedTuple):
-    """The cascade's real early exit over a dataset, in dataset order.
-
-    exit_index: (N,) exit each image left at; prediction: (N,) its class there;
-    confidence: (N,) its max softmax probability there; targets: (N,) labels.
-    """
-    exit_index: torch.Tensor
-    prediction: torch.Tensor
-    confidence: torch.Tensor
-    targets: torch.Tensor
-
-
-# ------------------------------------------------------------------ early exit
-
-@torch.no_grad()
-def run_early_exit(model: DVT, loader: torch.utils.data.DataLoader, thresholds: torch.Tensor) -> ExitRun:
-    """Run the cascade adaptively over ``loader``: later stages only see the images that
-    earlier exits were not confident about."""
-    model.eval()
-    exits, predictions, confidences, targets = [], [], [], []
-    for images, labels in loader:
-        out = model.forward_early_exit(images, thresholds)
-        exits.append(out.exit_index)
-        predictions.append(out.logits.argmax(dim=-1))
-        confidences.append(out.confidence)
-        targets.append(labels)
-    return ExitRun(torch.cat(exits), torch.cat(predictions), torch.cat(confidences), torch.cat(targets))
-
+# ------------------------------------------------------------------ thresholds
 
 def parse_thresholds(values: Sequence[float], num_exits: int) -> torch.Tensor:
     """One threshold per exit from ``num_exits - 1`` or ``num_exits`` values (the last exit
     takes everyone left, whatever its value)."""
-    if len(values) not in (num_exits - 1, num_exits):
-        raise UsageError(f"--thresholds needs {num_exits - 1} values (one per exit but the last) "
-                         f"or {num_exits}, got {len(values)}")
-    thresholds = torch.tensor(list(values)[:num_exits - 1] + [FINAL_THRESHOLD], dtype=torch.float32)
-    return thresholds
+    try:
+        return torch.tensor(full_thresholds(values, num_exits), dtype=torch.float32)
+    except ConfigError:
+        raise ConfigError(f"--thresholds needs {num_exits - 1} values (one per exit but the last) "
+                          f"or {num_exits}, got {len(values)}") from None
 
 
-def choose_thresholds(
+def resolve_thresholds(
         args: argparse.Namespace,
         model: DVT,
         checkpoint: dict,
-        data_stats: Optional[tuple[torch.Tensor, torch.Tensor]],
+        loader: torch.utils.data.DataLoader,
+        transform: Any,
         flops: Sequence[float],
-        calib_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, str]:
-    """The thresholds asked for, and a short description of where they come from."""
+    """The thresholds asked for, and a short description of where they come from. ``--budget``
+    fits them on the shown split (``loader``) or on a seeded subset of ``--calib_split``."""
     num_exits = model.num_exits
     if args.thresholds is not None:
         thresholds = parse_thresholds(args.thresholds, num_exits)
         return thresholds, "given thresholds"
     if args.budget_index is not None:
-        if "dynamic_threshold" not in checkpoint:
+        table = stored_thresholds(checkpoint, num_exits, args.checkpoint_path, torch.float32)
+        if table is None:
             raise CheckpointError(f"{args.checkpoint_path} has no 'dynamic_threshold' entry for --budget_index")
-        table = torch.as_tensor(np.asarray(checkpoint["dynamic_threshold"], dtype=np.float32))
-        if table.dim() != 2 or table.shape[1] != num_exits:
-            raise CheckpointError(f"{args.checkpoint_path}: 'dynamic_threshold' must be (budgets, {num_exits}), "
-                                  f"got shape {tuple(table.shape)}")
         if not 1 <= args.budget_index <= table.shape[0]:
-            raise UsageError(f"--budget_index must be between 1 and {table.shape[0]}, got {args.budget_index}")
+            raise ConfigError(f"--budget_index must be between 1 and {table.shape[0]}, got {args.budget_index}")
         return table[args.budget_index - 1].clone(), f"stored thresholds, budget {args.budget_index}"
-    conf, correct = calib_stats if calib_stats is not None else data_stats
+    if args.calib_split is not None and args.calib_split != args.split:
+        calib_set = seeded_subset(build_split(args.data_url, args.calib_split, transform), args.calib_size, args.seed)
+        loader = make_loader(calib_set, None, args.batch_size, args.workers, persistent=False)
+    conf, correct = collect_exit_stats(model, loader, progress=False)
     try:
         found = thresholds_for_budget(conf, correct, flops, args.budget)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise ConfigError(str(e)) from None
     return found.thresholds, f"budget {args.budget:g} GFLOPs"
 
 
@@ -140,7 +115,7 @@ def format_threshold(value: float) -> str:
     return f"{value:.3f}"
 
 
-def pick_examples(run: ExitRun, num_exits: int, per_exit: int, seed: int = 0) -> list[list[int]]:
+def pick_examples(run: EarlyExitRun, num_exits: int, per_exit: int, seed: int = 0) -> list[list[int]]:
     """For every exit, up to ``per_exit`` indices of images leaving there: a seeded random
     sample, most confident first."""
     generator = torch.Generator().manual_seed(seed)
@@ -159,13 +134,10 @@ def _caption(classes: Sequence[str], prediction: int, target: int, confidence: f
     return text if prediction == target else f"{text} ({classes[target]})"
 
 
-def _exit_summary(run: ExitRun, k: int) -> tuple[float, float]:
-    """(share of images leaving at exit k, accuracy % on them)."""
+def _exit_accuracy(run: EarlyExitRun, k: int) -> float:
+    """Accuracy % on the images leaving at exit k (nan when none does)."""
     here = run.exit_index == k
-    n = int(here.sum())
-    share = n / max(run.exit_index.numel(), 1)
-    acc = float((run.prediction[here] == run.targets[here]).float().mean()) * 100 if n else float("nan")
-    return share, acc
+    return float((run.prediction[here] == run.targets[here]).float().mean()) * 100 if here.any() else float("nan")
 
 
 def draw_exits(
@@ -269,19 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     for name in ("per_exit", "columns", "batch_size", "calib_size", "dpi"):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     if args.img_size is not None and args.img_size < 1:
-        raise UsageError(f"--img_size must be positive, got {args.img_size}")
+        raise ConfigError(f"--img_size must be positive, got {args.img_size}")
     if not 0 < args.crop_pct <= 1:
-        raise UsageError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
+        raise ConfigError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
     if args.budget is not None and args.budget <= 0:
-        raise UsageError(f"--budget must be positive, got {args.budget}")
+        raise ConfigError(f"--budget must be positive, got {args.budget}")
     if not Path(args.checkpoint_path).is_file():
         raise CheckpointError(f"checkpoint not found: {args.checkpoint_path}")
     if not Path(args.out).suffix.lower() == ".png":
-        raise UsageError(f"--out must name a .png file, got {args.out}")
+        raise ConfigError(f"--out must name a .png file, got {args.out}")
 
 
 def visualize(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,66 +267,60 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.pretrained_cfg
     transform = eval_transform(size, args.crop_pct, cfg["mean"], cfg["std"])
     dataset = build_split(args.data_url, args.split, transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers)
+    loader = make_loader(dataset, None, args.batch_size, args.workers, persistent=False)
     flops = exit_gflops(model, size)
+    thresholds, source = resolve_thresholds(args, model, checkpoint, loader, transform, flops)
+    run = collect_early_exit(model, loader, thresholds)
 
-    data_stats = calib_stats = None
-    if args.budget is not None:
-        if args.calib_split is None or args.calib_split == args.split:
-            data_stats = collect_exit_stats(model, loader, progress=False)
-        else:
-            calib_set = seeded_subset(build_split(args.data_url, args.calib_split, transform), args.calib_size,
-                                      args.seed)
-            calib_loader = torch.utils.data.DataLoader(calib_set, batch_size=args.batch_size,
-                                                       num_workers=args.workers)
-            calib_stats = collect_exit_stats(model, calib_loader, progress=False)
-    thresholds, source = choose_thresholds(args, model, checkpoint, data_stats, flops, calib_stats)
-    run = run_early_exit(model, loader, thresholds)
-
-    num_exits, n = model.num_exits, len(dataset)
-    summaries = [_exit_summary(run, k) for k in range(num_exits)]
-    shares = [s for s, _ in summaries]
-    gflops = sum(s * f for s, f in zip(shares, flops))
+    num_exits = model.num_exits
+    shares = exit_shares(run.exit_index, num_exits)
+    accuracy = [_exit_accuracy(run, k) for k in range(num_exits)]
+    gflops = expected_gflops(shares, flops)
     top1 = float((run.prediction == run.targets).float().mean()) * 100
-    difficulty = _difficulties(args.data_url, dataset.samples)
-
-    picked = pick_examples(run, num_exits, args.per_exit, args.seed)
-    display = transforms.Compose([
-        transforms.Resize(int(size / args.crop_pct), interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size)])
-    images, labels, correct, titles = [], [], [], []
-    for k in range(num_exits):
-        images.append([np.asarray(display(dataset.loader(dataset.samples[i][0]))) for i in picked[k]])
-        labels.append([_caption(dataset.classes, int(run.prediction[i]), int(run.targets[i]), float(run.confidence[i]))
-                       for i in picked[k]])
-        correct.append([bool(run.prediction[i] == run.targets[i]) for i in picked[k]])
-        share, acc = summaries[k]
-        grid = model.grids[k]
-        title = f"Exit {k + 1}: {grid}x{grid} tokens\n{share * 100:.1f}% of images, "
-        title += "accuracy -" if np.isnan(acc) else f"accuracy {acc:.1f}%"
-        if difficulty is not None and share > 0:
-            title += f"\nmean difficulty {difficulty[(run.exit_index == k).numpy()].mean():.2f}"
-        titles.append(title)
     threshold_text = ", ".join(format_threshold(t) for t in thresholds[:-1].tolist())
-    suptitle = (f"{getattr(model, 'model_name', 'DVT')} on {Path(args.data_url).name}/{args.split} ({n} images), "
-                f"{source}: {top1:.1f}% at {gflops:.3g} GFLOPs per image "
+    suptitle = (f"{getattr(model, 'model_name', 'DVT')} on {Path(args.data_url).name}/{args.split} "
+                f"({len(dataset)} images), {source}: {top1:.1f}% at {gflops:.3g} GFLOPs per image "
                 f"({gflops / flops[-1] * 100:.0f}% of the last exit's {flops[-1]:.3g})\n"
                 f"thresholds {threshold_text}; shown: up to {args.per_exit} random images per exit, "
                 f"caption: prediction, confidence (true class if wrong); frame: right (green) / wrong (red)")
-    fig = draw_exits(images, labels, correct, titles, suptitle, args.columns)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=args.dpi)
+    draw_run(args, model, dataset, run, shares, accuracy, suptitle).savefig(out, dpi=args.dpi)
 
-    for k, (share, acc) in enumerate(summaries):
+    for k, (share, acc) in enumerate(zip(shares, accuracy)):
         acc_text = "-" if np.isnan(acc) else f"{acc:.2f}%"
         print(f"exit {k + 1} ({model.grids[k]}x{model.grids[k]} tokens): {share * 100:.1f}% of images, "
               f"accuracy {acc_text}")
     print(f"overall: {top1:.2f}% at {gflops:.4g} GFLOPs per image ({source}; thresholds {threshold_text}); "
           f"wrote {out}")
-    return dict(thresholds=thresholds.tolist(), exit_shares=shares, exit_top1=[a for _, a in summaries],
+    return dict(thresholds=thresholds.tolist(), exit_shares=shares, exit_top1=accuracy,
                 top1=top1, gflops=gflops, flops=list(flops), exit_index=run.exit_index.tolist(), out=str(out))
+
+
+def draw_run(args: argparse.Namespace, model: DVT, dataset: Any, run: EarlyExitRun, shares: Sequence[float],
+             accuracy: Sequence[float], suptitle: str) -> Figure:
+    """The picture of ``run``: per exit, up to ``--per_exit`` of its images as the eye sees
+    them (before normalisation), under a title with its grid, share, accuracy and, for a
+    generated dataset, the mean difficulty of its images."""
+    size = model.img_size
+    difficulty = _difficulties(args.data_url, dataset.samples)
+    picked = pick_examples(run, model.num_exits, args.per_exit, args.seed)
+    display = transforms.Compose([
+        transforms.Resize(int(size / args.crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size)])
+    images, labels, correct, titles = [], [], [], []
+    for k in range(model.num_exits):
+        images.append([np.asarray(display(dataset.loader(dataset.samples[i][0]))) for i in picked[k]])
+        labels.append([_caption(dataset.classes, int(run.prediction[i]), int(run.targets[i]), float(run.confidence[i]))
+                       for i in picked[k]])
+        correct.append([bool(run.prediction[i] == run.targets[i]) for i in picked[k]])
+        grid = model.grids[k]
+        title = f"Exit {k + 1}: {grid}x{grid} tokens\n{shares[k] * 100:.1f}% of images, "
+        title += "accuracy -" if np.isnan(accuracy[k]) else f"accuracy {accuracy[k]:.1f}%"
+        if difficulty is not None and shares[k] > 0:
+            title += f"\nmean difficulty {difficulty[(run.exit_index == k).numpy()].mean():.2f}"
+        titles.append(title)
+    return draw_exits(images, labels, correct, titles, suptitle, args.columns)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -366,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         visualize(args)
-    except UsageError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, DataError) as e:

@@ -305,3 +305,58 @@ def test_thresholds_for_budget(golden_case):
         assert all(chosen.top1 >= acc for acc in reachable)
     with pytest.raises(ValueError, match="below the cost of the first exit"):
         thresholds_for_budget(confidence, correct, flops, 0.5)
+
+
+# ------------------------------------------------------------ the evaluation loop
+
+def test_one_loop_gives_statistics_early_exit_and_validation():
+    """collect_exit_stats, collect_early_exit and validation_run (exit_batches underneath)
+    agree with the model's own forward passes and with the simulated early exit."""
+    import models
+    from utils.budget.stats import collect_early_exit, collect_exit_stats, exit_shares, expected_gflops, validation_run
+
+    torch.manual_seed(0)
+    model = models.build_dvt("DVT_tiny", img_size=32, num_classes=3).eval()
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.mul_(30.0)
+    images, targets = torch.randn(10, 3, 32, 32), torch.randint(0, 3, (10,))
+    loader = [(images[i:i + 4], targets[i:i + 4]) for i in range(0, 10, 4)]
+    with torch.no_grad():
+        logits = model(images)
+    want_conf, want_correct = exit_stats(torch.stack(logits).float().softmax(dim=-1), targets)
+    conf, correct = collect_exit_stats(model, loader, progress=False)
+    torch.testing.assert_close(conf, want_conf)
+    assert torch.equal(correct, want_correct)
+
+    thresholds = torch.tensor([conf[0].median().item(), conf[1].median().item(), -1e8])
+    run = collect_early_exit(model, loader, thresholds)
+    assert torch.equal(run.exit_index, exit_assignment(conf, thresholds)) and torch.equal(run.targets, targets)
+    assert sum(exit_shares(run.exit_index, 3)) == pytest.approx(1.0)
+    assert expected_gflops([0.5, 0.25, 0.25], [1.0, 2.0, 4.0]) == 2.0
+
+    val = validation_run(model, loader, "cpu", None, [thresholds, thresholds], progress=False)
+    assert torch.equal(val.confidence, conf) and torch.equal(val.targets, targets)
+    assert torch.equal(val.prediction, torch.stack([x.argmax(dim=-1) for x in logits]))
+    assert len(val.early) == 2 and all(torch.equal(r.exit_index, run.exit_index) for r in val.early)
+    assert val.seconds > 0 and all(r.seconds > 0 for r in val.early)
+
+
+def test_stored_thresholds_one_reader():
+    """The stored table reads the same from a tensor, numpy or lists; None when absent; its
+    shape is checked, and a table of no rows refused."""
+    import numpy as np
+
+    from utils.budget.choice import stored_table, stored_thresholds
+    from utils.errors import CheckpointError
+
+    rows = torch.tensor([[0.9, 0.8, -1e8], [0.7, 0.6, -1e8]])
+    for stored in (rows, rows.numpy(), rows.tolist(), np.asarray(rows.tolist())):
+        got = stored_thresholds({"dynamic_threshold": stored}, 3, "ckpt", torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got, rows)
+    assert stored_thresholds({}, 3, "ckpt") is None
+    with pytest.raises(CheckpointError, match="must be \\(budgets, 2\\)"):
+        stored_thresholds({"dynamic_threshold": rows}, 2, "ckpt")
+    for empty in (torch.empty(0, 3), []):
+        with pytest.raises(CheckpointError, match="must be \\(budgets, 3\\)"):
+            stored_table({"dynamic_threshold": empty}, 3, "ckpt")

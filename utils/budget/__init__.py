@@ -1,6 +1,7 @@
-"""Budgeted batch classification: per-exit statistics (:mod:`.stats`), the threshold search
-(:mod:`.thresholds`), the choice of a stored row (:mod:`.choice`), the original functions by
-name (:mod:`.original_api`), FLOPs (:mod:`.flops`) and plots (:mod:`.plots`).
+"""Budgeted batch classification: per-exit statistics and the evaluation loop (:mod:`.stats`),
+the threshold search (:mod:`.thresholds`), the stored table and the choice of a row
+(:mod:`.choice`), the original functions by name (:mod:`.original_api`), FLOPs (:mod:`.flops`),
+plots (:mod:`.plots`) and the reports of ``inference.py`` (:mod:`.report`).
 
 ::
 

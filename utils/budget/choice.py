@@ -21,14 +21,16 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from .thresholds import FINAL_THRESHOLD, NO_EXIT_THRESHOLD
 
 DEFAULT_TOLERANCE = 0.5  # top-1 points
-NEVER = 1e8  # a threshold no softmax probability reaches
-ALWAYS = -1e8  # the last exit's threshold: every image left exits there
+NEVER = NO_EXIT_THRESHOLD  # a threshold no softmax probability reaches
+ALWAYS = FINAL_THRESHOLD  # the last exit's threshold: every image left exits there
 
 
 def as_plain(value: Any) -> Any:
-    """Tensors, numpy values and nested lists of them as Python numbers and lists."""
+    """Tensors, numpy values and nested lists of them as Python numbers and lists (printable,
+    JSON-serialisable, ``ast.literal_eval``-readable); Python numbers are kept as they are."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().tolist()
     elif hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
@@ -88,17 +90,34 @@ def full_thresholds(values: Sequence[float], num_exits: int) -> tuple[float, ...
     return tuple(values[:num_exits - 1]) + (ALWAYS,)
 
 
+def stored_thresholds(checkpoint: dict, num_exits: int, source: str,
+                      dtype: torch.dtype = torch.float64) -> Optional[torch.Tensor]:
+    """The checkpoint's ``dynamic_threshold``, one row of ``num_exits`` thresholds per budget
+    (P, E), or None when it stores none.
+
+    Args:
+        checkpoint: the loaded checkpoint dictionary.
+        num_exits: exits of its model.
+        source: the checkpoint's file name, for messages.
+        dtype: of the returned tensor.
+    """
+    rows = checkpoint.get("dynamic_threshold")
+    if rows is None:
+        return None
+    rows = torch.as_tensor(as_plain(rows), dtype=dtype)
+    if rows.dim() != 2 or rows.shape[1] != num_exits or rows.shape[0] == 0:
+        raise CheckpointError(f"{source}: 'dynamic_threshold' must be (budgets, {num_exits}), "
+                              f"got shape {tuple(rows.shape)}")
+    return rows
+
+
 def stored_table(checkpoint: dict, num_exits: int, source: str
                  ) -> tuple[Optional[torch.Tensor], Optional[list[float]], Optional[list[float]]]:
     """The checkpoint's thresholds (P, E) and per-row expected GFLOPs and top-1 (each None
     when absent), checked for shape."""
-    rows = checkpoint.get("dynamic_threshold")
+    rows = stored_thresholds(checkpoint, num_exits, source)
     if rows is None:
         return None, None, None
-    rows = torch.as_tensor(as_plain(rows), dtype=torch.float64)
-    if rows.dim() != 2 or rows.shape[1] != num_exits or rows.shape[0] == 0:
-        raise CheckpointError(f"{source}: 'dynamic_threshold' must be (budgets, {num_exits}), "
-                              f"got shape {tuple(rows.shape)}")
     curve = checkpoint.get("budgeted_batch_classification")
     if curve is None:
         return rows, None, None

@@ -1,4 +1,5 @@
-"""Per-exit computational cost of a DVT cascade, counted from the model itself.
+"""Per-exit computational cost of a DVT cascade, counted from the model itself (or, by
+:func:`exit_costs`, read from a checkpoint that stores it).
 
 The count depends only on the architecture and the input size. It is taken on a float32 CPU
 copy of the model with every attention on its explicit path. Counting the model as it runs
@@ -16,6 +17,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.layers import GridResample
+
+from ..errors import CheckpointError
+from .choice import as_plain
 
 
 def counting_copy(model: nn.Module) -> nn.Module:
@@ -77,3 +81,15 @@ def exit_gflops(model: torch.nn.Module, img_size: int = 224, include_resample: b
     """Cumulative GFLOPs (multiply-adds, the paper's convention) of exiting at each exit:
     exit k pays for stages 1..k. Arguments as :func:`stage_gmacs`."""
     return list(itertools.accumulate(stage_gmacs(model, img_size, include_resample)))
+
+
+def exit_costs(model: nn.Module, checkpoint: dict, source: str) -> tuple[list[float], str]:
+    """Cumulative GFLOPs per exit: the checkpoint's ``flops``, else counted on the model
+    (:func:`exit_gflops` at its image size); and which of the two, ``"checkpoint"`` or ``"counted"``."""
+    if "flops" not in checkpoint:
+        return exit_gflops(model, model.img_size), "counted"
+    flops = as_plain(checkpoint["flops"])
+    if not isinstance(flops, list) or len(flops) != model.num_exits:
+        raise CheckpointError(f"{source}: 'flops' must list one cumulative GFLOPs value per exit "
+                              f"({model.num_exits}), got {flops!r}")
+    return [float(f) for f in flops], "checkpoint"

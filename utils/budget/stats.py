@@ -1,8 +1,11 @@
 """Per-exit statistics over a dataset: the confidence and correctness of every exit per sample,
-the compact summary the threshold search (:mod:`utils.budget`) works from."""
+the compact summary the threshold search (:mod:`utils.budget`) works from, and the one loop
+that runs a cascade over a loader (:func:`exit_batches`) for every evaluation: the statistics,
+real early exit, the validation run of ``inference.py`` and the per-exit metrics of training."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import time
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -83,6 +86,91 @@ def anytime_accuracy(correct: Tensor) -> list[float]:
     return [hits * 100.0 / n for hits in correct.sum(dim=1).tolist()]
 
 
+def exit_shares(exit_index: Tensor, num_exits: int) -> list[float]:
+    """Share of the samples leaving at each exit: ``(N,)`` exit indices -> E floats."""
+    counts = torch.bincount(exit_index, minlength=num_exits)[:num_exits]
+    return [c / max(exit_index.numel(), 1) for c in counts.tolist()]
+
+
+def expected_gflops(shares: Sequence[float], flops: Sequence[float]) -> float:
+    """Average cost per sample: the exit shares weighted by the exits' cumulative GFLOPs."""
+    return float(sum(s * f for s, f in zip(shares, flops)))
+
+
+class ExitBatch(NamedTuple):
+    """One batch of :func:`exit_batches`.
+
+    images, targets: the batch on the device. logits: one ``(B, C)`` tensor per exit from
+    running every exit (None when not asked). seconds: model time of that run (0 untimed).
+    early: per threshold set, the adaptive run's :class:`models.dvt.EarlyExitOutput` and its
+    model time.
+    """
+    images: Tensor
+    targets: Tensor
+    logits: Optional[Sequence[Tensor]]
+    seconds: float
+    early: list[tuple[Any, float]]
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run(call: Callable[..., Any], args: tuple, device: torch.device | str, timed: bool) -> tuple[Any, float]:
+    """``call(*args)`` and its time, with the device synchronised around it when ``timed``."""
+    if not timed:
+        return call(*args), 0.0
+    _sync(device)
+    start = time.perf_counter()
+    out = call(*args)
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def exit_batches(
+        model: torch.nn.Module,
+        loader: Iterable,
+        device: torch.device | str = "cpu",
+        amp_dtype: Optional[torch.dtype] = None,
+        desc: Optional[str] = None,
+        progress: bool = True,
+        all_exits: bool = True,
+        early_thresholds: Sequence[Tensor] = (),
+        timed: bool = False,
+) -> Iterator[ExitBatch]:
+    """Run the cascade over ``loader`` in eval mode, without gradients, under autocast, and
+    yield every batch with what was run on it.
+
+    Args:
+        model: the cascade (or a stand-in with its call and ``forward_early_exit``).
+        loader: ``(images, targets)`` batches.
+        device: where the model runs.
+        amp_dtype: autocast dtype, or None for full precision.
+        desc, progress: the progress bar's label, and whether to show it.
+        all_exits: run every exit on the whole batch.
+        early_thresholds: ``(E,)`` thresholds per adaptive run (real early exit) on the batch.
+        timed: measure model time only (data loading excluded); with early exit, the first
+            batch is run once untimed first, so one-off setup costs do not skew the rates.
+    """
+    model.eval()
+    warm = not (timed and len(early_thresholds))
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_context(device, amp_dtype):
+            if not warm:
+                if all_exits:
+                    model(images)
+                for thresholds in early_thresholds:
+                    model.forward_early_exit(images, thresholds)
+                warm = True
+            logits, seconds = _run(model, (images,), device, timed) if all_exits else (None, 0.0)
+            early = [_run(model.forward_early_exit, (images, t), device, timed) for t in early_thresholds]
+        yield ExitBatch(images, targets, logits, seconds, early)
+
+
 @torch.no_grad()
 def collect_exit_stats(
         model: torch.nn.Module,
@@ -98,11 +186,100 @@ def collect_exit_stats(
     Returns:
         confidence (E, N) float32 and correct (E, N) bool, on the CPU, in loader order.
     """
-    model.eval()
     acc = ExitStatsAccumulator()
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = images.to(device, non_blocking=True)
-        with autocast_context(device, amp_dtype):
-            logits = model(images)
-        acc.update(logits, targets.to(device))
+    for batch in exit_batches(model, loader, device, amp_dtype, desc, progress):
+        acc.update(batch.logits, batch.targets)
     return acc.result()
+
+
+class EarlyExitRun(NamedTuple):
+    """A cascade's real early exit over a dataset, in loader order, on the CPU.
+
+    exit_index: (N,) exit each sample left at; prediction: (N,) its class there; confidence:
+    (N,) its max softmax probability there; targets: (N,) labels; seconds: model time.
+    """
+    exit_index: Tensor
+    prediction: Tensor
+    confidence: Tensor
+    targets: Tensor
+    seconds: float
+
+
+class EarlyExitAccumulator:
+    """Collects the adaptive runs of :func:`exit_batches` batch by batch."""
+
+    def __init__(self) -> None:
+        self._parts: tuple[list[Tensor], ...] = ([], [], [], [])
+        self.seconds = 0.0
+
+    def update(self, out: Any, targets: Tensor, seconds: float = 0.0) -> None:
+        """Add one batch: ``out`` is a :class:`models.dvt.EarlyExitOutput`."""
+        for part, value in zip(self._parts, (out.exit_index, out.logits.argmax(dim=-1), out.confidence, targets)):
+            part.append(value.cpu())
+        self.seconds += seconds
+
+    def result(self) -> EarlyExitRun:
+        return EarlyExitRun(*(torch.cat(part) for part in self._parts), self.seconds)
+
+
+def collect_early_exit(model: torch.nn.Module, loader: Iterable, thresholds: Tensor,
+                       device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None,
+                       desc: Optional[str] = None, progress: bool = False) -> EarlyExitRun:
+    """Run the cascade adaptively over ``loader``: later stages only see the samples that
+    earlier exits were not confident about."""
+    acc = EarlyExitAccumulator()
+    for batch in exit_batches(model, loader, device, amp_dtype, desc, progress, all_exits=False,
+                              early_thresholds=[thresholds]):
+        acc.update(batch.early[0][0], batch.targets)
+    return acc.result()
+
+
+class ValRun(NamedTuple):
+    """Validation results of running every exit, and of each early-exit threshold set.
+
+    confidence, correct, prediction: (E, N) of every exit; targets: (N,); seconds: model time
+    of all exits; early: one :class:`EarlyExitRun` per threshold set.
+    """
+    confidence: Tensor
+    correct: Tensor
+    prediction: Tensor
+    targets: Tensor
+    seconds: float
+    early: list[EarlyExitRun]
+
+
+def validation_run(
+        model: torch.nn.Module,
+        loader: Iterable,
+        device: torch.device | str,
+        amp_dtype: Optional[torch.dtype],
+        early_thresholds: Sequence[Tensor] = (),
+        progress: bool = True,
+) -> ValRun:
+    """Run every exit on each batch and, on the same batch, the adaptive cascade for every
+    threshold set, timed (see :func:`exit_batches`).
+
+    Args:
+        model: the cascade, on ``device``.
+        loader: (images, targets) batches.
+        device: where the model runs.
+        amp_dtype: autocast dtype, or None for full precision.
+        early_thresholds: (E,) thresholds per adaptive run.
+        progress: show a progress bar.
+    """
+    stats = ExitStatsAccumulator()
+    early = [EarlyExitAccumulator() for _ in early_thresholds]
+    predictions: list[Tensor] = []
+    labels: list[Tensor] = []
+    seconds = 0.0
+    for batch in exit_batches(model, loader, device, amp_dtype, "val", progress,
+                              early_thresholds=early_thresholds, timed=True):
+        seconds += batch.seconds
+        for acc, (out, elapsed) in zip(early, batch.early):
+            acc.update(out, batch.targets, elapsed)
+        stats.update(batch.logits, batch.targets)
+        predictions.append(torch.stack([x.argmax(dim=-1) for x in batch.logits]).cpu())  # (E, B)
+        labels.append(batch.targets.cpu())
+    confidence, correct = stats.result()
+    return ValRun(confidence, correct, torch.cat(predictions, dim=1), torch.cat(labels), seconds,
+                  [acc.result() for acc in early])

@@ -147,6 +147,13 @@ def find_thresholds(
     return thresholds if batched else thresholds[0]
 
 
+def find_budget_thresholds(confidence: Tensor, budgets: Sequence[int] = DEFAULT_BUDGETS) -> Tensor:
+    """:func:`find_thresholds` for the exit shares of every budget index ``p`` (mode 2 of the
+    original): ``(E, N)`` calibration confidences -> ``(P, E)`` thresholds."""
+    shares = torch.stack([budget_exit_shares(p, confidence.shape[0]) for p in budgets])  # (P, E)
+    return find_thresholds(confidence, shares)
+
+
 def exit_assignment(confidence: Tensor, thresholds: Tensor) -> Tensor:
     """Index of the exit every sample leaves at: the first ``k`` with ``conf_k >= T_k``.
 
@@ -249,8 +256,7 @@ def budget_curve(
     if calib_conf is not None:
         if calib_conf.shape[0] != num_exits:
             raise ValueError(f"calibration has {calib_conf.shape[0]} exits, validation {num_exits}")
-        shares = torch.stack([budget_exit_shares(p, num_exits) for p in budgets])  # (P, E)
-        thresholds = find_thresholds(calib_conf, shares)
+        thresholds = find_budget_thresholds(calib_conf, budgets)
     if thresholds.dim() != 2 or thresholds.shape[1] != num_exits:
         raise ValueError(f"thresholds must be (budgets, {num_exits}), got shape {tuple(thresholds.shape)}")
     top1, gflops = _evaluate_batch(val_conf, val_correct, flops, thresholds)

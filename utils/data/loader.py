@@ -2,8 +2,10 @@
 function of its seed (see :mod:`utils.train.rng`), and the DataLoader every tool builds."""
 from __future__ import annotations
 
+import functools
 import math
 import random
+import signal
 import weakref
 from typing import Any, Callable, Iterator, Optional
 
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
 from ..run.distributed import DistEnv
-from ..run.signals import worker_ignores_signals
+from ..run.signals import CTRL_C, worker_ignores_signals
 from ..train.rng import STREAM_CALIB_SAMPLES, STREAM_ORDER, STREAM_TRAIN_SAMPLES, derive_seed
 
 # The calibration seed main.py's release step and inference.py share by default, so that the
@@ -158,17 +160,35 @@ def close_loaders() -> None:
     _OPEN_LOADERS.clear()
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, env: DistEnv,
-                drop_last: bool = False, persistent: bool = True, pin_memory: Optional[bool] = None,
-                collate_fn: Optional[Callable] = None) -> DataLoader:
-    """A DataLoader that takes nothing from the global RNGs (its own seeded generator).
-    Workers persist across epochs: the epoch travels in the sampler's keys. ``collate_fn``:
-    see :func:`utils.data.images.loader_collate` (the bad-image policy)."""
-    loader = DataLoader(
+class QuietCtrlCLoader(DataLoader):
+    """A DataLoader that starts its workers with Ctrl-C held back (see :class:`utils.run.signals.CtrlC`)."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        with CTRL_C.holding():
+            return super().__iter__()
+
+
+def make_loader(dataset: Dataset, sampler: Optional[Sampler], batch_size: int, workers: int,
+                env: Optional[DistEnv] = None, drop_last: bool = False, persistent: bool = True,
+                pin_memory: Optional[bool] = None, collate_fn: Optional[Callable] = None, seed: int = 0,
+                ctrl_c: bool = False) -> DataLoader:
+    """A DataLoader that takes nothing from the global RNGs (its own generator, seeded with
+    ``seed``). With ``persistent``, workers persist across epochs: the epoch travels in the
+    sampler's keys. ``sampler``: None for the dataset's order. ``pin_memory``: by default, when
+    ``env`` runs on CUDA. ``collate_fn``: see :func:`utils.data.images.loader_collate` (the
+    bad-image policy). Workers ignore SIGTERM and SIGINT, or with ``ctrl_c`` (a command that
+    stops on Ctrl-C with one line, :data:`utils.run.signals.CTRL_C`) only SIGINT, and start
+    with Ctrl-C held back."""
+    if pin_memory is None:
+        pin_memory = env is not None and env.device.type == "cuda"
+    init = functools.partial(worker_ignores_signals, signals=(signal.SIGINT,)) if ctrl_c else worker_ignores_signals
+    loader = (QuietCtrlCLoader if ctrl_c else DataLoader)(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        pin_memory=env.device.type == "cuda" if pin_memory is None else pin_memory,
-        persistent_workers=persistent and workers > 0, generator=torch.Generator().manual_seed(0),
-        worker_init_fn=worker_ignores_signals if workers > 0 else None, collate_fn=collate_fn)
+        pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=init if workers > 0 else None,
+        collate_fn=collate_fn)
     if workers > 0:
         _OPEN_LOADERS.add(loader)
     return loader

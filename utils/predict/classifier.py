@@ -30,14 +30,14 @@ from timm.data import create_transform, resolve_data_config
 
 from models.factory import guess_model
 
-from ..budget.choice import ThresholdChoice, as_plain, choose_thresholds
-from ..budget.flops import exit_gflops
+from ..budget.choice import ThresholdChoice, choose_thresholds
+from ..budget.flops import exit_costs
 from ..checkpoint.files import load_checkpoint_file
 from ..checkpoint.weights import build_from_checkpoint, checkpoint_weights
 from ..data.classes import attach_class_names, label_mapper
 from ..data.images import load_rgb, to_rgb
-from ..errors import CheckpointError, one_line
-from ..precision import resolve_precision
+from ..errors import one_line
+from ..precision import autocast_context, resolve_precision
 from .sources import check_sources, stream_batches
 
 
@@ -79,17 +79,6 @@ def amp_dtype_of(amp: Optional[str | torch.dtype], device: torch.device) -> Opti
     if precision.warning:
         warnings.warn(precision.warning, stacklevel=3)
     return precision.dtype
-
-
-def exit_costs(model: nn.Module, checkpoint: dict, source: str) -> list[float]:
-    """Cumulative GFLOPs per exit: the checkpoint's ``flops``, else counted on the model."""
-    if "flops" not in checkpoint:
-        return exit_gflops(model, model.img_size)
-    flops = as_plain(checkpoint["flops"])
-    if not isinstance(flops, list) or len(flops) != model.num_exits:
-        raise CheckpointError(f"{source}: 'flops' must list one cumulative GFLOPs value per exit "
-                              f"({model.num_exits}), got {flops!r}")
-    return [float(f) for f in flops]
 
 
 class DVTClassifier:
@@ -157,7 +146,7 @@ class DVTClassifier:
                                        defaults=found and found[1], **overrides)
         attach_class_names(net, checkpoint, source, class_names)
         choice = choose_thresholds(checkpoint, net.num_exits, thresholds, budget, budget_index, source)
-        return cls(net, choice, exit_costs(net, checkpoint, source), device, amp, label_type)
+        return cls(net, choice, exit_costs(net, checkpoint, source)[0], device, amp, label_type)
 
     @classmethod
     def from_onnx(
@@ -196,9 +185,7 @@ class DVTClassifier:
         return len(self.flops)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, paths: Optional[Sequence[Optional[str]]] = None,

@@ -33,6 +33,20 @@ class DistEnv:
         return self.rank == 0
 
 
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """The device ``--device`` names (default: CUDA when available, else the CPU), refusing a
+    name torch does not know and a CUDA device on a machine without one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"bad --device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def setup_distributed(device: Optional[str] = None, backend: Optional[str] = None,
                       local_rank: Optional[int] = None, timeout_minutes: float = 30.) -> DistEnv:
     """Join the process group described by the launcher's environment (torchrun and
@@ -49,15 +63,8 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", local_rank if local_rank is not None else 0))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"bad --device {device!r}: {e}") from None
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if dev.index is None:
             dev = torch.device("cuda", local if world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)

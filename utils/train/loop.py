@@ -316,21 +316,18 @@ def evaluate(
         progress: show a progress bar.
         desc: its label.
     """
-    model.eval()
-    num_exits = unwrap_model(model).num_exits
-    meter = ExitMeter(num_exits, env.device)
+    from ..budget.stats import exit_batches  # the evaluation loop every tool shares
+
+    meter = ExitMeter(unwrap_model(model).num_exits, env.device)
     started = time.perf_counter()
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        images = images.to(env.device, non_blocking=True)
-        targets = targets.to(env.device, non_blocking=True)
-        with autocast_context(env.device, amp_dtype):
-            outputs = model(images)
-        outputs = [out.float() for out in outputs]
+    for batch in exit_batches(model, loader, env.device, amp_dtype, desc, progress):
+        targets = batch.targets
+        outputs = [out.float() for out in batch.logits]
         losses = torch.stack([F.cross_entropy(out, targets, reduction="sum") for out in outputs])
         top1 = torch.stack([(out.argmax(dim=-1) == targets).sum() for out in outputs])
         k = min(5, outputs[-1].shape[-1])
         top5 = (outputs[-1].topk(k, dim=-1).indices == targets[:, None]).any(dim=-1).sum()
-        meter.update(losses, top1, images.shape[0], top5)
+        meter.update(losses, top1, batch.images.shape[0], top5)
     metrics = meter.metrics(with_top5=True)
     metrics["img_per_s"] = metrics["samples"] / max(time.perf_counter() - started, 1e-9)
     return metrics
