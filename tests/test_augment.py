@@ -14,11 +14,12 @@ from PIL import Image
 from timm.data import auto_augment
 
 from fake_data import make_fake_cifar, make_image_folder
+from helpers import REPO
 from utils.data.build import build_datasets
 from utils.data.transforms import TIMM_POSTERIZE, augment_ops, guard_posterize, posterize
 from utils.run.train_options import check_args, parse_args
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+CONFIGS = sorted(REPO.glob("configs/*.yaml"))
 SIZE = 48  # training resolution of the test transforms: the ops are the same at any size
 DRAWS = 300  # full-transform draws per recipe: each op is drawn about 40 times
 

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from test_inference import RESULT_KEYS as RESULT_LINES
-from test_inference import printed_results as results
 
 import inference
 import main as train_main
+from helpers import REPO, RESULT_KEYS, TINY, printed_results
 from models.baseline import SingleExit
 from models.factory import create_cascade
 from utils.checkpoint.files import load_checkpoint_file
@@ -20,8 +19,6 @@ from utils.run.train_options import check_args, parse_args
 from utils.train.model import initial_model
 from utils.train.recipe import build_optimizer, scaled_lr
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=32", "num_heads=2"]
 VIT_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
@@ -86,8 +83,8 @@ def test_baseline_trains_releases_and_evaluates(tmp_path, image_data, capsys):
         assert inference.main(["--data_url", str(image_data), "--batch_size", "8", "--checkpoint_path",
                                str(folder / "released.pth.tar"), "--eval_mode", mode, "--workers", "0",
                                "--no_progress", "--calib_size", "16"]) == 0
-        printed[mode] = results(capsys.readouterr().out)
-    assert printed["0"] == {k: released[k] for k in RESULT_LINES}
+        printed[mode] = printed_results(capsys.readouterr().out)
+    assert printed["0"] == {k: released[k] for k in RESULT_KEYS}
     for mode in ("1", "2"):  # one exit: every budget is that exit's cost and accuracy
         assert printed[mode]["flops"] == released["flops"]
         assert printed[mode]["anytime_classification"] == pytest.approx(released["anytime_classification"])
@@ -119,7 +116,7 @@ def test_bad_flags_are_clear_errors(tmp_path, image_data, capsys, extra, message
         status = train_main.main(train_args(image_data, tmp_path, "bad", *extra))
     except SystemExit as e:  # argparse's own errors
         status = e.code
-    assert status != 0
+    assert status == 2  # bad options
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "train" / "bad").exists()
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
 import demo  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def test_matching_budget_is_the_cheapest_point_within_tolerance():
 def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--quick", "--output", str(out), "--data", str(data),
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--quick", "--output", str(out), "--data", str(data),
          "--threads", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "demo.json").read_text())
@@ -55,6 +56,6 @@ def test_quick_demo_runs_every_step_and_writes_its_outputs(tmp_path):
         [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import demo; "
          "from utils.data.synthetic import make_shapes_dataset; "
          "print(make_shapes_dataset(sys.argv[2], **dict(demo.DEMO_DATA, **demo.QUICK['data'])).created)",
-         str(ROOT / "scripts"), str(data)], cwd=ROOT, capture_output=True, text=True)
+         str(REPO / "scripts"), str(data)], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.strip() == "False"

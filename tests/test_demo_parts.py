@@ -14,13 +14,13 @@ from PIL import Image
 from torchvision import datasets
 
 import models
+from helpers import REPO
 from utils.budget.thresholds import exit_assignment
 from utils.data.shapes import SHAPES, render_shape_image, stored_size
 from utils.data.synthetic import difficulty_level, make_shapes_dataset, read_manifest
 from utils.data.transforms import eval_transform
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 import visualize_exits  # noqa: E402
 
 SMALL = dict(num_classes=3, train_per_class=6, val_per_class=5, img_size=32, seed=3)
@@ -262,7 +262,7 @@ def test_clear_errors(shapes, checkpoint, tmp_path, capsys, change, code, messag
 
 
 def test_script_runs_from_anywhere_and_needs_a_threshold_source(shapes, checkpoint, tmp_path):
-    script = ROOT / "scripts" / "visualize_exits.py"
+    script = REPO / "scripts" / "visualize_exits.py"
     done = subprocess.run([sys.executable, str(script), "--data", str(shapes), "--checkpoint", str(checkpoint),
                            "--out", str(tmp_path / "x.png")], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 2 and "one of the arguments" in done.stderr and "Traceback" not in done.stderr

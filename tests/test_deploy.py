@@ -2,8 +2,6 @@
 the eager results, and real early exit from exported stage programs."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -12,10 +10,10 @@ import inference
 import main as train_main
 import models
 from fake_data import make_image_folder
+from helpers import TINY
 from models.deploy import CompiledCascade, export_stages, load_stages, save_stages
 from models.dvt import run_early_exit, to_original_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
 IMG = 32
 
 
@@ -103,7 +101,7 @@ def test_compile_flags_train_and_evaluate(tmp_path, capsys):
     """main.py --compile trains (checkpoint keys unchanged); inference.py --compile --early_exit
     gives the simulated exits."""
     data = make_image_folder(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=4)
-    args = [str(data), "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--device", "cpu", "--output",
+    args = [str(data), "--config", TINY, "--device", "cpu", "--output",
             str(tmp_path / "out"), "--experiment", "c", "--epochs", "1", "--no-release", "--compile"]
     assert train_main.main(args) == 0
     last = torch.load(tmp_path / "out" / "train" / "c" / "last.pth.tar", map_location="cpu", weights_only=False)

@@ -2,6 +2,8 @@
 it is native, else float32 (bare --amp) or bfloat16 with a warning naming the cost."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -75,14 +77,27 @@ def test_this_cpu_is_described():
     assert torch.backends.cpu.get_cpu_capability() in text
 
 
-def test_probe_answers_without_cpuinfo(monkeypatch):
-    """Where /proc/cpuinfo is missing the timed probe decides; it must return a bool."""
+@pytest.mark.parametrize("fast", [True, False])
+def test_probe_answers_without_cpuinfo(fast, monkeypatch):
+    """Where /proc/cpuinfo is missing, the timed probe decides."""
     monkeypatch.setattr(precision.Path, "read_text", lambda self: (_ for _ in ()).throw(OSError("no such file")))
+    monkeypatch.setattr(precision, "_bf16_matmul_is_fast", lambda: fast)
     precision.cpu_has_native_bf16.cache_clear()
     try:
-        assert isinstance(precision.cpu_has_native_bf16(), bool)
+        assert precision.cpu_has_native_bf16() is fast
     finally:
         precision.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("bf16_s, fp32_s, fast", [(1.2, 1.0, True), (1.5, 1.0, True), (2.0, 1.0, False),
+                                                  (100.0, 1.0, False)])
+def test_probe_compares_bf16_with_float32(bf16_s, fp32_s, fast, monkeypatch):
+    """bfloat16 counts as native when its matrix product takes at most 1.5x float32's time (the
+    best of the repeats: one slow outlier does not decide)."""
+    durations = [bf16_s * 3, bf16_s, bf16_s * 2, fp32_s * 5, fp32_s, fp32_s]  # bf16 repeats, then float32's
+    clock = iter([t for d in durations for t in (0.0, d)])
+    monkeypatch.setattr(precision, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert precision._bf16_matmul_is_fast(size=4, repeats=3) is fast
 
 
 def test_main_and_inference_share_the_rule(cpu_bf16, capsys, caplog):

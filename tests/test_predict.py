@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,12 +25,12 @@ from torchvision.transforms import InterpolationMode
 import inference
 import models
 from golden import VARIANTS, golden_state_dict, load_manifest
+from helpers import REPO, SUBPROCESS_ENV, TINY
 from models.dvt import to_original_state_dict
 from models.factory import guess_model
 from utils.predict.classifier import DVTClassifier
 from utils.predict.sources import iter_image_paths
 
-ROOT = Path(__file__).resolve().parents[1]
 IMG = 32  # model resolution: DVT_tiny at 32 pixels runs in milliseconds
 CLASSES = ("ant", "bee", "cow")
 SIZES = ((40, 30), (36, 36), (30, 50), (64, 48))  # (width, height); the transform resizes them
@@ -332,7 +331,7 @@ def test_class_names_round_trip_from_training(tmp_path, capsys):
     for k, name in enumerate(CLASSES):
         write_images(data / "train" / name, 4, seed=k)
         write_images(data / "val" / name, 2, seed=10 + k)
-    assert train_main.main([str(data), "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--device", "cpu",
+    assert train_main.main([str(data), "--config", TINY, "--device", "cpu",
                             "--output", str(tmp_path / "out"), "--experiment", "names", "--epochs", "1"]) == 0
     capsys.readouterr()
     run_dir = tmp_path / "out" / "train" / "names"
@@ -465,8 +464,8 @@ def test_command_line_in_a_real_process(labelled, tmp_path):
     ckpt = project_checkpoint(tmp_path / "tiny.pth", tiny_model(), class_names=list(CLASSES))
     proc = subprocess.run([sys.executable, "inference.py", "--checkpoint_path", str(ckpt), "--predict",
                            str(labelled / "val" / "cow"), str(labelled / "val" / "ant" / "000.png"), "--device", "cpu",
-                           "--output", str(tmp_path / "p.csv")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "--output", str(tmp_path / "p.csv")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=SUBPROCESS_ENV)
     assert proc.returncode == 0, proc.stderr
     rows = read_csv(tmp_path / "p.csv")
     assert [Path(r["path"]).parent.name for r in rows] == ["cow"] * 4 + ["ant"]
@@ -502,7 +501,7 @@ def test_memory_stays_flat_over_10000_images(tmp_path):
             [sys.executable, "-c", PEAK_RSS, "--checkpoint_path", str(ckpt), "--predict", str(source), "--thresholds",
              "-1", "-1", "--output", str(tmp_path / f"{name}.csv"), "--device", "cpu", "--workers", "0",
              "--batch_size", "64", "--no_progress"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            cwd=REPO, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
         assert proc.returncode == 0, proc.stderr
         assert f"summary : {name} images (0 unreadable)" in proc.stderr
         peaks[name] = int(re.search(r"peak_rss_kib (\d+)", proc.stderr).group(1)) / 1024

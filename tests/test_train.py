@@ -3,11 +3,8 @@ exact resume after SIGTERM/SIGINT, mixed precision, clean errors, CIFAR fine-tun
 released-format export read by inference.py."""
 from __future__ import annotations
 
-import ast
-import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +17,17 @@ from timm.models import register_model
 import inference
 import main as train_main
 from fake_data import make_fake_cifar
+from helpers import REPO, SUBPROCESS_ENV, TINY, cpu_amp_dtype, printed_results, read_summary
+from helpers import free_port  # noqa: F401  (test_cuda.py imports it from here)
 from models.dvt import DVT, to_original_state_dict
 from models.registry import MODEL_CFGS
+from utils import precision
 from utils.checkpoint.files import atomic_save, load_checkpoint_file
 from utils.data.cifar import CIFAR10Files, CIFAR100Files, load_cifar
 from utils.data.loader import EpochSampler, SeededDataset
 from utils.run.config import resolved_config
 from utils.run.train_options import check_args, parse_args
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny_cpu.yaml")
-# Each subprocess gets one thread: two CPU-bound processes share two cores.
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 FAULTS: dict[str, int] = {}
 
 
@@ -87,17 +83,6 @@ def run_dir(out: Path, name: str) -> Path:
     return out / "train" / name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_summary(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def tensors_equal(a, b) -> bool:
     """Nested containers of tensors and numbers compare bit for bit."""
     if isinstance(a, torch.Tensor):
@@ -122,28 +107,17 @@ def check_released_with_inference(path: Path, data: Path, capsys) -> None:
     capsys.readouterr()
     assert inference.main(["--data_url", str(data), "--batch_size", "8", "--checkpoint_path", str(path),
                            "--eval_mode", "0"]) == 0
-    mode0 = parse_results(capsys.readouterr().out)
+    mode0 = printed_results(capsys.readouterr().out)
     assert mode0 == {k: stored[k] for k in mode0}
     assert inference.main(["--data_url", str(data), "--batch_size", "8", "--checkpoint_path", str(path),
                            "--eval_mode", "1", "--workers", "0", "--no_progress"]) == 0
-    mode1 = parse_results(capsys.readouterr().out)
+    mode1 = printed_results(capsys.readouterr().out)
     assert mode1["flops"] == mode0["flops"]
     assert mode1["anytime_classification"] == mode0["anytime_classification"]
     gflops, top1 = mode1["budgeted_batch_classification"]
     assert len(gflops) == len(top1) == 59 == stored["dynamic_threshold"].shape[0]
     per_image = 100.0 / len(list((data / "val").rglob("*.png")))  # top-1 points of one validation image
     assert max(abs(a - b) for a, b in zip(top1, stored["budgeted_batch_classification"][1])) <= 2 * per_image + 1e-6
-
-
-def parse_results(text: str) -> dict:
-    """The ``name : value`` lines inference.py prints."""
-    out = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition(" : ")
-        if sep and name in ("flops", "anytime_classification", "budgeted_batch_classification"):
-            out[name] = ast.literal_eval(value)
-    assert set(out) == {"flops", "anytime_classification", "budgeted_batch_classification"}, text
-    return out
 
 
 # ------------------------------------------------------------------------ command line
@@ -222,7 +196,9 @@ def test_cli_errors_without_traceback_in_a_real_process(tmp_path):
 
 def _two_process_run(tmp_path: Path, data: Path, launcher: list[str], name: str, capsys) -> Path:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", *launcher, "--nproc_per_node=2", f"--master_port={free_port()}",
+    # --standalone: the launcher binds a free port itself and hands it to the workers (no race
+    # with other processes for a port picked in advance)
+    cmd = [sys.executable, "-m", *launcher, "--standalone", "--nproc_per_node=2",
            str(REPO / "main.py"), str(data), "--config", TINY, "--model", "DVT_tiny", "--b", "4", "--lr", "2e-3",
            "--weight-decay", ".03", "--amp", "--img-size", "32", "--epochs", "1", "--device", "cpu",
            "--output", str(out), "--experiment", name, "--workers", "1"]
@@ -234,9 +210,11 @@ def _two_process_run(tmp_path: Path, data: Path, launcher: list[str], name: str,
         pytest.fail(f"{launcher[0]} run still going after 240 s; its output:\n{text[-6000:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = run_dir(out, name)
-    # one process logs: the header line appears once and names both processes and gloo
+    # one process logs: the header line appears once and names both processes, gloo and the
+    # precision a bare --amp has on this CPU (bfloat16 where it is native, else float32)
     headers = [line for line in proc.stdout.splitlines() if "parameters" in line]
-    assert len(headers) == 1 and "2 process(es) on cpu (gloo)" in headers[0] and "torch.bfloat16" in headers[0]
+    expected = f"precision {cpu_amp_dtype() or 'float32'} |"
+    assert len(headers) == 1 and "2 process(es) on cpu (gloo)" in headers[0] and expected in headers[0], headers
     for file in ("last.pth.tar", "best.pth.tar", "released.pth.tar", "config.yaml", "summary.csv", "log.txt"):
         assert (folder / file).is_file(), file
     last = load_checkpoint_file(folder / "last.pth.tar")
@@ -366,6 +344,17 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, image_data, capsys):
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert train_main.main(base_args(image_data, tmp_path, "fp16", "--amp-dtype", "float16")) == 2
     assert "float16 needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bare_amp_follows_the_cpu(native, tmp_path, image_data, capsys, monkeypatch):
+    """A bare --amp on a CPU: bfloat16 where the CPU computes it natively, else float32 with a
+    warning (whatever this machine's CPU has)."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    assert train_main.main(base_args(image_data, tmp_path, "amp", "--amp", "--epochs", "1", "--no-release")) == 0
+    out, err = capsys.readouterr()
+    assert f"precision {'torch.bfloat16' if native else 'float32'} |" in out, out
+    assert ("no native bfloat16" in out + err) is not native, out + err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_data, capsys):

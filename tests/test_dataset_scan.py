@@ -1,0 +1,83 @@
+"""Dataset scans end: symbolic-link loops, hidden and AppleDouble files are harmless; under
+several processes the file list is made by rank 0 and shared, and its errors reach every rank."""
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import quick_args, run_main
+from utils.data.scan import scan_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (dump the stacks and exit) instead of hanging when the body runs for ever."""
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def test_symlink_loop_hidden_and_appledouble_files_are_harmless(small_data, tmp_path, capsys):
+    odd = shutil.copytree(small_data, tmp_path / "data")
+    (odd / "train" / "class_0" / "loop").symlink_to("..")  # train/class_0/loop -> train
+    (odd / "train" / "class_1" / "deeper").mkdir()
+    (odd / "train" / "class_1" / "deeper" / "up").symlink_to("../..")  # -> train/class_1... -> train
+    (odd / "val" / "class_2" / "._0000.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (odd / "val" / "class_2" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    with deadline(120):
+        code, out, err = run_main(capsys, quick_args(odd, tmp_path / "out", "--no-release"))
+    assert code == 0, err
+    listed = scan_image_folder(odd / "train", report=None)
+    assert len(listed.samples) == 24 and listed.classes == ["class_0", "class_1", "class_2"]
+    assert listed.skipped["folders seen before"] == 2
+
+
+def _list_on_rank_zero(rank: int, port: int, folder: str) -> None:
+    """One of two processes: joins a gloo group through the test's store, lists (pretends to)
+    on rank 0 only."""
+    from utils.errors import DataError
+    from utils.run.distributed import cleanup_distributed, on_rank_zero, setup_distributed
+
+    # the store is the test's, as torchrun's agent hosts it: no rank binds a port
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      TORCHELASTIC_USE_AGENT_STORE=str(True))
+    setup_distributed("cpu")
+    try:
+        def scan() -> list[str]:
+            (Path(folder) / f"listed-by-{rank}").touch()
+            return ["class_0/a.png", "class_1/b.png"]
+
+        (Path(folder) / f"got-{rank}").write_text(",".join(on_rank_zero(scan)))
+
+        def broken() -> None:
+            raise DataError("dataset folder not found: /nowhere")
+
+        try:
+            on_rank_zero(broken)
+        except DataError as e:
+            (Path(folder) / f"error-{rank}").write_text(str(e))
+    finally:
+        cleanup_distributed()
+
+
+@pytest.mark.slow
+def test_the_file_list_is_made_by_rank_0_and_shared(tmp_path):
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # port 0: the system picks one
+    torch.multiprocessing.spawn(_list_on_rank_zero, args=(store.port, str(tmp_path)), nprocs=2)
+    assert sorted(p.name for p in tmp_path.glob("listed-by-*")) == ["listed-by-0"]
+    assert all((tmp_path / f"got-{r}").read_text() == "class_0/a.png,class_1/b.png" for r in range(2))
+    # rank 0's error reaches every rank (none waits for a list that never comes)
+    assert all("/nowhere" in (tmp_path / f"error-{r}").read_text() for r in range(2))

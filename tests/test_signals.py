@@ -1,0 +1,144 @@
+"""Signals: SIGTERM during the dataset scan stops it at once, SIGTERM during the release export
+stops the export cleanly, and Ctrl-C in inference.py with loader workers prints one line."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fake_data import make_image_folder
+from helpers import REPO, SUBPROCESS_ENV, quick_args, run_main
+from utils.checkpoint.files import load_checkpoint_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sigterm_during_the_scan_stops_at_once(small_data, tmp_path, capsys, monkeypatch):
+    import utils.data.scan as scan
+
+    real = os.scandir
+    calls = []
+
+    def scandir_then_signal(path):
+        calls.append(os.fspath(path))
+        if calls[-1].endswith(os.path.join("train", "class_0")):  # the first class folder of the listing
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path)
+
+    monkeypatch.setattr(scan.os, "scandir", scandir_then_signal)
+    code, out, err = run_main(capsys, quick_args(small_data, tmp_path / "out"))
+    monkeypatch.undo()
+    assert code == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in out + err and "Traceback" not in err
+    assert not [c for c in calls if c.endswith("class_1")]  # stopped in the first folder, not at the end
+    assert not list((tmp_path / "out").rglob("*.pth.tar"))
+
+
+def test_sigterm_during_the_release_export_stops_it_cleanly(small_data, tmp_path, capsys, eval_hooks):
+    # evaluation forwards: 1 val, 2 val (EMA), 3 the export's first batch
+    eval_hooks[3] = lambda: os.kill(os.getpid(), signal.SIGTERM)
+    code, out, err = run_main(capsys, quick_args(small_data, tmp_path / "out"))
+    run = tmp_path / "out" / "train" / "run"
+    assert code == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert "--export-released" in out + err
+    assert not (run / "released.pth.tar").exists() and not list(run.glob(".*.tmp"))
+    assert load_checkpoint_file(run / "best.pth.tar")["epoch"] == 1
+
+
+# ------------------------------------------------------------------- Ctrl-C in inference.py
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a loader's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    """Poll ``condition`` until it holds (the moment is what matters, not a duration)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the awaited moment never came"
+        time.sleep(0.005)
+
+
+def read_until(stream, pattern: re.Pattern, seen: list[str]) -> None:
+    """Read ``stream`` character by character (a progress bar redraws its line with carriage
+    returns) until ``pattern`` matches what was read."""
+    text = ""
+    while not pattern.search(text):
+        char = stream.read(1)
+        assert char, "".join(seen) + text
+        text += char
+    seen.append(text)
+
+
+BATCH_DONE = re.compile(r"\b[1-9]\d*/\d+ ")  # the progress bar counts a finished batch
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the loader's workers through /proc")
+def test_ctrl_c_in_inference_with_workers_prints_one_line(trained_run, tmp_path):
+    data = tmp_path / "many"  # 2,403 validation images: one per class, and 800 links to it
+    make_image_folder(data, num_classes=3, train_per_class=1, val_per_class=1, size=32)
+    for k in range(3):
+        folder = data / "val" / f"class_{k}"
+        first = next(folder.glob("*.png"))
+        for i in range(800):
+            (folder / f"copy{i:03d}.png").symlink_to(first.name)
+    # Ctrl-C at three moments: as evaluation starts (the workers are being started), once both
+    # workers exist, and once a batch has gone through them. Each command runs in its own process
+    # group, signalled as a whole, which is what Ctrl-C in a terminal does.
+    moments = ("evaluation starts", "workers exist", "a batch is done")
+
+    def start(moment: str) -> subprocess.Popen:
+        progress = [] if moment == "a batch is done" else ["--no_progress"]
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "inference.py"), "--data_url", str(data), "--checkpoint_path",
+             str(trained_run / "released.pth.tar"), "--eval_mode", "1", "--batch_size", "1", "--workers", "2",
+             "--device", "cpu", *progress],
+            env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def interrupt(moment: str, proc: subprocess.Popen, seen: list[str]) -> None:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("evaluating"):
+                break
+        else:
+            return
+        if moment == "workers exist":
+            wait_until(lambda: len(children(proc.pid)) >= 2 or proc.poll() is not None)
+        elif moment == "a batch is done":
+            read_until(proc.stderr, BATCH_DONE, seen)
+        os.killpg(proc.pid, signal.SIGINT)
+
+    watchers = [(moment, start(moment), []) for moment in moments]
+    threads = [threading.Thread(target=interrupt, args=w) for w in watchers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    for moment, proc, seen in watchers:
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=60)
+        assert code == 130, f"Ctrl-C when {moment}: " + "".join(seen) + rest
+        if moment == "a batch is done":  # the progress bar's last redraws, then the one line
+            lines = [part.strip() for part in re.split(r"[\r\n]", rest) if part.strip()]
+            assert lines[-1] == "interrupted" and rest.count("interrupted") == 1, f"Ctrl-C when {moment}: {rest!r}"
+            assert "Traceback" not in rest and "Error" not in rest, f"Ctrl-C when {moment}: {rest!r}"
+        else:
+            assert rest.strip() == "interrupted", f"Ctrl-C when {moment}: {rest}"
