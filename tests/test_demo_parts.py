@@ -224,16 +224,20 @@ def test_budget_and_stored_thresholds(shapes, checkpoint, tmp_path, capsys):
         assert set(visualize_exits.visualize(args)["exit_index"]) == {exit_k}
 
 
-def test_released_file_without_model_name_needs_model(shapes, checkpoint, tmp_path, capsys):
+def test_released_file_without_model_name_is_recognised(shapes, checkpoint, tmp_path, capsys):
+    """A file in the original release layout names no model: its weights say which it is; a
+    --model that does not fit them is one line."""
     ckpt = torch.load(checkpoint, weights_only=True)
     released = tmp_path / "released.pth.tar"
     torch.save({"model_state_dict": models.to_original_state_dict(ckpt["model_state_dict"])}, released)
     common = ["--data", str(shapes), "--checkpoint", str(released), "--thresholds", "0.4", "0.4",
-              "--out", str(tmp_path / "r.png")]
-    assert visualize_exits.main(common) == 1
-    err = capsys.readouterr().err
-    assert "--model" in err and len(err.strip().splitlines()) == 1
-    assert visualize_exits.main(common + ["--model", "DVT_tiny", "--img_size", "32"]) == 0
+              "--out", str(tmp_path / "r.png"), "--img_size", "32"]
+    assert visualize_exits.main(common + ["--model", "DVT_Deit_small"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit DVT_Deit_small" in err and "DVT_tiny" in err
+    assert not (tmp_path / "r.png").exists()
+    assert visualize_exits.main(common) == 0
+    assert (tmp_path / "r.png").is_file()
 
 
 @pytest.mark.parametrize("change, code, message", [

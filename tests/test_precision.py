@@ -82,9 +82,28 @@ def test_probe_answers_without_cpuinfo(fast, monkeypatch):
     """Where /proc/cpuinfo is missing, the timed probe decides."""
     monkeypatch.setattr(precision.Path, "read_text", lambda self: (_ for _ in ()).throw(OSError("no such file")))
     monkeypatch.setattr(precision, "_bf16_matmul_is_fast", lambda: fast)
+    monkeypatch.setattr(precision, "_capped_below_avx512", lambda: False)
     precision.cpu_has_native_bf16.cache_clear()
     try:
         assert precision.cpu_has_native_bf16() is fast
+    finally:
+        precision.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("machine, capability, capped", [
+    ("x86_64", "AVX2", True), ("x86_64", "DEFAULT", True), ("x86_64", "AVX512", False),
+    ("aarch64", "DEFAULT", False), ("aarch64", "SVE256", False)])
+def test_kernels_capped_at_avx2_run_bf16_emulated(machine, capability, capped, monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU runs the code an AVX2-only CPU runs: bf16 is
+    then emulated whatever /proc/cpuinfo says, and a bare --amp runs float32."""
+    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
+    monkeypatch.setattr(precision.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision.Path, "read_text", lambda self: "flags\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    precision.cpu_has_native_bf16.cache_clear()
+    try:
+        assert precision._capped_below_avx512() is capped
+        assert precision.cpu_has_native_bf16() is (not capped)
+        assert resolve_precision(AUTO, CPU).dtype == (None if capped else torch.bfloat16)
     finally:
         precision.cpu_has_native_bf16.cache_clear()
 

@@ -62,11 +62,21 @@ def _bf16_matmul_is_fast(size: int = 256, repeats: int = 3) -> bool:
 @lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively: from /proc/cpuinfo where there is one,
-    else from a timed probe of a small matrix product."""
+    else from a timed probe of a small matrix product. An x86 CPU whose kernels are capped at
+    AVX2 (``ATEN_CPU_CAPABILITY=avx2``, as on an AVX2-only CPU) runs bfloat16 emulated, whatever
+    its flags say."""
+    if _capped_below_avx512():
+        return False
     try:
         return flags_have_native_bf16(Path("/proc/cpuinfo").read_text())
     except OSError:
         return _bf16_matmul_is_fast()
+
+
+def _capped_below_avx512() -> bool:
+    """x86 with torch's CPU kernels at AVX2 or below (by the CPU or by ATEN_CPU_CAPABILITY)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    return x86 and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX", "AVX2", "NO AVX")
 
 
 def cpu_description() -> str:

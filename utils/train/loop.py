@@ -16,6 +16,7 @@ from timm.utils import dispatch_clip_grad
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..budget.stats import exit_batches
 from ..checkpoint.weights import unwrap_model
 from ..data.images import check_bad_fraction
 from ..precision import autocast_context
@@ -316,8 +317,6 @@ def evaluate(
         progress: show a progress bar.
         desc: its label.
     """
-    from ..budget.stats import exit_batches  # the evaluation loop every tool shares
-
     meter = ExitMeter(unwrap_model(model).num_exits, env.device)
     started = time.perf_counter()
     for batch in exit_batches(model, loader, env.device, amp_dtype, desc, progress):
