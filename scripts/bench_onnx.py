@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import machine_description  # noqa: E402
 
 from models import build_dvt  # noqa: E402
-from models.deploy_onnx import export_onnx_stages, onnx_stage_files  # noqa: E402
+from models.deploy_onnx import DEFAULT_OPSET, export_onnx_stages, onnx_stage_files  # noqa: E402
 from models.dvt import DVT, run_early_exit  # noqa: E402
 from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
 from utils.checkpoint import build_from_checkpoint, load_checkpoint_file  # noqa: E402
@@ -59,6 +59,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="run the stages already in --onnx (exported from the same model, size and --seed) "
                              "instead of exporting")
     parser.add_argument("--providers", nargs="+", default=["cpu"], help="onnxruntime providers (default: cpu)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset of the export (default: {DEFAULT_OPSET}; 23 has a fused Attention op)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.images < 1 or args.iters < 1:
@@ -144,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 start = time.perf_counter()
                 example = torch.randn(2, 3, model.img_size, model.img_size)
-                paths = export_onnx_stages(model, example, folder)
+                paths = export_onnx_stages(model, example, folder, args.opset)
                 print(f"exported {len(paths)} stages in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             steps = load_steps(paths, args.providers, threads)
             rows, shares, same, thresholds = bench(args, model, steps)
@@ -153,7 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     name = getattr(model, "model_name", args.model)
-    print(f"{name}, {model.img_size} px, float32, {args.images} random images per way, best of {args.iters}; "
+    print(f"{name}, {model.img_size} px, float32, opset {args.opset}, {args.images} random images per way, "
+          f"best of {args.iters}; "
           f"early exit at budget row {args.budget_index}: thresholds "
           f"[{', '.join(f'{t:.4g}' for t in thresholds)}], exit shares [{', '.join(f'{s:.2f}' for s in shares)}], "
           f"same exits in ONNX Runtime for {same}/{args.images} images")

@@ -263,6 +263,17 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "none.pth" in err, err
 
 
+def test_benchmark_runs_on_an_exported_folder(exported, capsys):
+    import bench_onnx
+
+    folder = exported[0]
+    assert bench_onnx.main(["--checkpoint_path", str(folder.parent / "tiny.pth"), "--onnx", str(folder), "--reuse",
+                            "--batch-sizes", "1", "4", "--images", "8", "--iters", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| early exit | 4 |" in out and "| all exits | 1 |" in out
+    assert "same exits in ONNX Runtime for 8/8 images" in out and "get_cpu_capability() = " in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["DVT_T2t_vit_12", "DVT_Deit_small", "DVT_tiny"])
 def test_full_size_backbones_export_and_match(name, tmp_path):
