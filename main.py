@@ -31,6 +31,8 @@ from timm.utils import ApexScaler, NativeScaler
 from torch.nn.parallel import DistributedDataParallel
 
 import models  # noqa: F401  (registers the DVT models in timm)
+from utils.budget.flops import exit_gflops
+from utils.budget.stats import ExitStatsAccumulator
 from utils.checkpoint.files import load_checkpoint_file
 from utils.checkpoint.release import export_released, model_for_checkpoint
 from utils.checkpoint.training import Checkpoints, ResumePoint, require_training_checkpoint, restore_training_state
@@ -46,11 +48,10 @@ from utils.data.build import (
 from utils.data.images import SkipBadImages
 from utils.data.loader import ShardSampler, close_loaders, make_loader
 from utils.errors import CheckpointError, ConfigError, DataError, one_line
-from utils.precision import resolve_precision
 from utils.run.config import resolved_config, write_config
 from utils.run.distributed import DistEnv, agreed_flags, cleanup_distributed, setup_distributed
 from utils.run.folder import BEST, CONFIG_FILE, LAST, RELEASED, claim_run_folder, run_folder
-from utils.run.preflight import PreChecked, check_before_run, check_writable_file
+from utils.run.preflight import PreChecked, check_before_run, check_writable_file, training_precision
 from utils.run.records import CsvSummary, TensorBoardLog, add_file_log, prefixed, remove_logging, setup_logging
 from utils.run.signals import Interrupted, StopSignal, signals_raise
 from utils.run.train_options import check_args, parse_args
@@ -60,6 +61,7 @@ from utils.train.loop import (
     ExitMeter,
     TrainContext,
     TrainingInterrupted,
+    dynamic_accuracy,
     evaluate,
     format_metrics,
     train_one_epoch,
@@ -137,7 +139,7 @@ def train(args: argparse.Namespace, env: DistEnv, stop: StopSignal) -> None:
     """The training run, logged to ``log.txt`` in the run folder as well. Nothing is written
     before the checks pass and the run holds its folder's lock."""
     folder = run_folder(args, env)
-    checked = check_before_run(args, folder)
+    checked = check_before_run(args, folder, env.device)
     folder, lock = claim_run_folder(args, env, folder)
     file_log = None
     try:
@@ -158,7 +160,7 @@ def train_in_folder(args: argparse.Namespace, env: DistEnv, stop: StopSignal, fo
     if env.is_main:
         write_config(folder / CONFIG_FILE, config)
     data, class_names = checked_training_data(args, env, stop, checked.class_names)
-    model = initial_model(args, data.num_classes).to(env.device)
+    model = initial_model(args, data.num_classes, checked.start_checkpoint).to(env.device)
     model, ctx, point, num_epochs = training_recipe(args, env, stop, config, model, data, checked.resume_checkpoint)
     log_start(args, env, folder, model, data, ctx, num_epochs)
     run = Run(args, env, folder, config, data, model, ctx, point, class_names)
@@ -210,11 +212,7 @@ def training_recipe(
 
 def amp_settings(args: argparse.Namespace, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
     """(autocast dtype or None, whether a GradScaler is needed), by the rule of utils.precision."""
-    requested = args.amp_dtype or ("auto" if args.amp or args.native_amp else None)
-    try:
-        precision = resolve_precision(requested, device)
-    except ValueError as e:
-        raise ConfigError(f"--amp: {e}") from None
+    precision = training_precision(args, device)
     if precision.warning:
         _logger.warning(f"warning: {precision.warning}")
     return precision.dtype, precision.needs_scaler
@@ -282,6 +280,8 @@ class Run:
         self.class_names = class_names
         self.checkpoints = Checkpoints(folder, env, config, model, ctx, point, class_names)
         self.tensorboard = TensorBoardLog(folder, point.epoch) if args.tensorboard and env.is_main else None
+        monitor = args.tensorboard and self.num_exits > 1
+        self.flops = exit_gflops(self.plain, self.plain.img_size) if monitor else None
         ctx.save_recovery = self.checkpoints.save_recovery
 
     def train_epoch(self, epoch: int, stop: StopSignal) -> None:
@@ -309,12 +309,15 @@ class Run:
     def finish_epoch(self, epoch: int, result: EpochResult, started: float) -> None:
         """Evaluate (the model, and the EMA), keep the best, write summary.csv and the checkpoints."""
         args, ctx, point, env = self.args, self.ctx, self.point, self.env
-        eval_metrics = evaluate(self.plain, self.data.val_loader, env, ctx.amp_dtype, ctx.progress)
+        stats = ExitStatsAccumulator() if self.flops else None  # for the dynamic top-1 in TensorBoard
+        eval_metrics = evaluate(self.plain, self.data.val_loader, env, ctx.amp_dtype, ctx.progress, stats=stats)
         _logger.info(f"val {epoch}: {format_metrics(eval_metrics, self.num_exits)}")
         score_metrics = eval_metrics
         row = {"epoch": epoch, "lr": result.metrics["lr"], **prefixed("train_", result.metrics),
                "train_img_per_s": result.images_per_second, "train_skipped_steps": result.skipped_steps,
                "train_bad_images": result.bad_images, **prefixed("eval_", eval_metrics)}
+        if stats is not None:
+            row.update(prefixed("eval_", dynamic_accuracy(stats, self.flops)))
         if self.evaluate_ema:
             ema_metrics = evaluate(ctx.model_ema.module, self.data.val_loader, env, ctx.amp_dtype, ctx.progress,
                                    "val (EMA)")

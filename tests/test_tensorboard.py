@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from helpers import main_args, read_summary, run_main, snapshot
+
 from utils.run.records import TENSORBOARD_DIR, TensorBoardLog, tensorboard_tag
 
 pytest.importorskip("tensorboard")
@@ -39,12 +39,18 @@ def test_a_two_epoch_run_has_scalars_for_every_exit(small_data, tmp_path, capsys
     for k in (1, 2, 3):
         for tag in (f"train/exit{k}_loss", f"train/exit{k}_top1", f"val/exit{k}_loss", f"val/exit{k}_top1"):
             assert [step for step, _ in found[tag]] == [0, 1], tag
-    for tag in ("lr", "train/img_per_s", "train/skipped_steps", "epoch_time_s"):
+    for tag in ("lr", "train/img_per_s", "train/skipped_steps", "epoch_time_s", "val/dynamic_top1_p10",
+                "val/dynamic_gflops_p40"):
         assert [step for step, _ in found[tag]] == [0, 1], tag
     rows = read_summary(folder / "summary.csv")
     for epoch, row in enumerate(rows):
         assert found["val/exit3_top1"][epoch][1] == pytest.approx(float(row["eval_exit3_top1"]))
         assert found["train/exit1_loss"][epoch][1] == pytest.approx(float(row["train_exit1_loss"]))
+        # larger budget rows send more images on: the expected cost grows with p
+        for p in (5, 10, 20, 40):
+            assert 0.0 <= found[f"val/dynamic_top1_p{p}"][epoch][1] <= 100.0
+        gflops = [found[f"val/dynamic_gflops_p{p}"][epoch][1] for p in (5, 10, 20, 40)]
+        assert gflops == sorted(gflops) and gflops[0] > 0
 
 
 def test_a_resumed_run_records_no_step_twice(small_data, tmp_path, capsys):

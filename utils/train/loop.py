@@ -7,7 +7,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,11 +16,12 @@ from timm.utils import dispatch_clip_grad
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..budget.stats import exit_batches
+from ..budget.stats import ExitStatsAccumulator, exit_batches
+from ..budget.thresholds import budget_curve
 from ..checkpoint.weights import unwrap_model
 from ..data.images import check_bad_fraction
 from ..precision import autocast_context
-from ..run.distributed import DistEnv, all_reduce_
+from ..run.distributed import DistEnv, all_gather_objects, all_reduce_
 from ..run.signals import StopSignal
 from .guard import StepGuard, scaler_scale, scaler_skipped
 from .rng import STREAM_STEP, derive_seed, seed_all
@@ -305,6 +306,7 @@ def evaluate(
         amp_dtype: Optional[torch.dtype] = None,
         progress: bool = False,
         desc: str = "val",
+        stats: Optional[ExitStatsAccumulator] = None,
 ) -> dict[str, float]:
     """Per-exit cross-entropy and top-1 (and the last exit's top-5) over this rank's shard of
     ``loader``, summed over all ranks.
@@ -316,6 +318,8 @@ def evaluate(
         amp_dtype: autocast dtype, or None.
         progress: show a progress bar.
         desc: its label.
+        stats: also collect this rank's per-sample exit statistics here (see
+            :func:`dynamic_accuracy`).
     """
     meter = ExitMeter(unwrap_model(model).num_exits, env.device)
     started = time.perf_counter()
@@ -327,6 +331,31 @@ def evaluate(
         k = min(5, outputs[-1].shape[-1])
         top5 = (outputs[-1].topk(k, dim=-1).indices == targets[:, None]).any(dim=-1).sum()
         meter.update(losses, top1, batch.images.shape[0], top5)
+        if stats is not None:
+            stats.update(outputs, targets)
     metrics = meter.metrics(with_top5=True)
     metrics["img_per_s"] = metrics["samples"] / max(time.perf_counter() - started, 1e-9)
     return metrics
+
+
+MONITORED_BUDGETS = (5, 10, 20, 40)
+
+
+def dynamic_accuracy(stats: ExitStatsAccumulator, flops: list[float],
+                     budgets: Sequence[int] = MONITORED_BUDGETS) -> dict[str, float]:
+    """Top-1 and expected GFLOPs of budgeted batch classification at a few budget rows ``p``,
+    with the thresholds fitted on the same validation set: a quick view of the dynamic trade-off
+    while training (the released file fits them on training images). Every rank must call this
+    with its shard's statistics; the result is the same on all.
+
+    Returns:
+        ``dynamic_top1_p{p}`` and ``dynamic_gflops_p{p}`` for each budget row.
+    """
+    parts = all_gather_objects(stats.result())
+    confidence = torch.cat([conf for conf, _ in parts], dim=1)  # (E, N) over all ranks
+    correct = torch.cat([hits for _, hits in parts], dim=1)
+    _, (gflops, top1) = budget_curve(confidence, correct, flops, calib_conf=confidence, budgets=budgets)
+    out = {f"dynamic_top1_p{p}": t for p, t in zip(budgets, top1)}
+    out.update({f"dynamic_gflops_p{p}": g for p, g in zip(budgets, gflops)})
+    return out
+
