@@ -170,7 +170,7 @@ def test_bad_config_is_a_clear_error(tmp_path, image_data, capsys, text, message
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     if "bacth" in text:
-        assert "did you mean 'batch_size'" in err
+        assert "did you mean 'batch-size'" in err
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):

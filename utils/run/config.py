@@ -108,6 +108,13 @@ def _convert(action: argparse.Action, v: Any, where: str) -> Any:
     return v
 
 
+def config_key(action: argparse.Action) -> str:
+    """The key of an option in a config file: its first long flag without the dashes
+    (``--batch-size`` -> ``batch-size``), or its name for a positional argument."""
+    flags = [f for f in action.option_strings if f.startswith("--")]
+    return flags[0][2:] if flags else action.dest
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Defaults from a YAML file; raises ConfigError naming an unknown key or a bad value."""
     try:
@@ -126,7 +133,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     for key, value in cfg.items():
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in actions:
-            close = difflib.get_close_matches(dest, list(actions), n=1)
+            keys = {config_key(action): d for d, action in actions.items()}  # spelled as the configs spell them
+            close = difflib.get_close_matches(str(key).lstrip("-").replace("_", "-"), list(keys), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown key '{key}' in config {path}{hint}")
         out[dest] = _coerce(actions[dest], str(key), value, f"config {path}")

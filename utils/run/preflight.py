@@ -17,13 +17,15 @@ import torch
 
 from ..checkpoint.files import load_checkpoint_file
 from ..checkpoint.training import check_not_rewinding, check_resumable, require_training_checkpoint, state_layout
+from ..checkpoint.weights import check_state_dict, head_classes
 from ..data.cifar import CIFAR_NUM_CLASSES
 from ..data.classes import check_split_classes
 from ..data.folders import split_dir
 from ..data.scan import list_classes
 from ..data.shards import tar_split
-from ..errors import ConfigError, DataError
-from ..train.model import create_dvt
+from ..errors import CheckpointError, ConfigError, DataError
+from ..precision import Precision, resolve_precision
+from ..train.model import create_dvt, start_weights
 from .folder import LAST
 
 MiB = 2 ** 20
@@ -136,9 +138,25 @@ def check_image_sizes(paths: Sequence[str], stop: Optional[Callable[[], Optional
 
 class PreChecked(NamedTuple):
     """What the checks before a run found: the dataset's class names (None where only the
-    loaded dataset knows them) and the --resume checkpoint, already read."""
+    loaded dataset knows them), and the --resume and the --initial-checkpoint / --finetune
+    checkpoints, already read."""
     class_names: Optional[list[str]]
     resume_checkpoint: Optional[dict]
+    start_checkpoint: Optional[dict] = None
+
+
+def training_precision(args: argparse.Namespace, device: torch.device) -> Precision:
+    """The autocast of --amp / --amp-dtype on ``device`` (:func:`utils.precision.resolve_precision`).
+
+    Raises:
+        ConfigError: a precision the device cannot run (float16 autocast on the CPU).
+    """
+    requested = args.amp_dtype or ("auto" if args.amp or args.native_amp else None)
+    try:
+        return resolve_precision(requested, device)
+    except ValueError as e:
+        flag = f"--amp-dtype {args.amp_dtype}" if args.amp_dtype else "--amp"
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def estimated_checkpoint_bytes(args: argparse.Namespace, num_classes: int) -> int:
@@ -149,17 +167,23 @@ def estimated_checkpoint_bytes(args: argparse.Namespace, num_classes: int) -> in
     return checkpoint_bytes(model, copies=3 + int(args.model_ema))
 
 
-def check_before_run(args: argparse.Namespace, folder: Path) -> PreChecked:
+def check_before_run(args: argparse.Namespace, folder: Path, device: Optional[torch.device] = None) -> PreChecked:
     """Everything that can be checked before the run writes anything or lists its images: the
-    class folders of train and val, the --resume checkpoint, the output folder and its space."""
+    precision on ``device``, the class folders of train and val, the --resume or
+    --initial-checkpoint / --finetune checkpoint, the output folder and its space."""
+    if device is not None:
+        training_precision(args, device)
     class_names = None
     tars = any(tar_split(args.data, split) is not None for split in (args.train_split, args.val_split))
     if args.dataset not in CIFAR_NUM_CLASSES and not tars:  # tar shards: checked once listed
         train_dir, val_dir = split_dir(args.data, args.train_split), split_dir(args.data, args.val_split)
         class_names = list_classes(train_dir)
         check_split_classes(class_names, list_classes(val_dir), args.data, args.train_split, args.val_split)
-    num_classes = args.num_classes or (len(class_names) if class_names else CIFAR_NUM_CLASSES.get(args.dataset, 1000))
-    checkpoint = None
+    known_classes = args.num_classes or (len(class_names) if class_names else CIFAR_NUM_CLASSES.get(args.dataset))
+    num_classes = known_classes or 1000
+    checkpoint = start = None
+    if args.initial_checkpoint or args.finetune:
+        start = _checked_start(args, known_classes)
     if args.resume:
         checkpoint = _checked_resume(args, folder, class_names, num_classes)
         need = 2 * os.path.getsize(args.resume)
@@ -168,7 +192,25 @@ def check_before_run(args: argparse.Namespace, folder: Path) -> PreChecked:
     resumed_in_place = args.resume and not args.experiment  # the run folder is the checkpoint's
     label = f"the run folder {folder}" if resumed_in_place else f"--output {args.output}"
     check_output_folder(folder, need, label=label)
-    return PreChecked(class_names, checkpoint)
+    return PreChecked(class_names, checkpoint, start)
+
+
+def _checked_start(args: argparse.Namespace, num_classes: Optional[int]) -> dict:
+    """The --initial-checkpoint or --finetune checkpoint, read, whose weights fit --model: with
+    the run's classes for --initial-checkpoint (where they are known yet), with the file's own
+    heads for --finetune (which replaces them)."""
+    path = args.initial_checkpoint or args.finetune
+    flag = "--initial-checkpoint" if args.initial_checkpoint else "--finetune"
+    try:
+        checkpoint = load_checkpoint_file(path)
+        weights, _ = start_weights(args, checkpoint)
+        classes = head_classes(weights) if args.finetune or num_classes is None else num_classes
+        with torch.device("meta"):
+            model = create_dvt(args, classes or num_classes or 1000)
+        check_state_dict(model, weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag}: {e}") from None
+    return checkpoint
 
 
 def _checked_resume(args: argparse.Namespace, folder: Path, class_names: Optional[list[str]],

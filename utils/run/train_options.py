@@ -20,7 +20,7 @@ from ..data.loader import CALIB_SEED
 from ..data.transforms import check_auto_augment
 from ..errors import ConfigError
 from ..train.guard import parse_injections
-from ..train.recipe import mixup_active
+from ..train.recipe import check_scheduler, mixup_active
 from .config import ModelKwargs, parse_with_config
 from .preflight import check_finite_options
 from .records import tensorboard_missing
@@ -309,3 +309,4 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(tensorboard_missing())
     parse_injections(args.inject_nonfinite)
     check_finite_options(vars(args))
+    check_scheduler(args)

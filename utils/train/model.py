@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch.nn as nn
 
@@ -35,12 +35,21 @@ def create_dvt(args: argparse.Namespace, num_classes: int, **overrides: Any) -> 
         raise ConfigError(f"--model {args.model}: {e}") from None
 
 
-def load_start_weights(model: nn.Module, args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """--initial-checkpoint (same heads) or --finetune (new heads when the classes differ)."""
+def start_weights(args: argparse.Namespace, checkpoint: dict) -> tuple[dict, str]:
+    """The weights a run starts from in the --initial-checkpoint or --finetune ``checkpoint``,
+    and which they are (``"model"`` or ``"ema"``)."""
     path = args.initial_checkpoint or args.finetune
     # as timm: an initial checkpoint gives its model weights; fine-tuning starts from the EMA
     # weights when there are some (as T2T-ViT's transfer script)
-    weights, which = checkpoint_weights(load_checkpoint_file(path), "auto" if args.finetune else "model", path)
+    return checkpoint_weights(checkpoint, "auto" if args.finetune else "model", path)
+
+
+def load_start_weights(model: nn.Module, args: argparse.Namespace, num_classes: int,
+                       checkpoint: Optional[dict] = None) -> nn.Module:
+    """--initial-checkpoint (same heads) or --finetune (new heads when the classes differ);
+    ``checkpoint``: that file when already read."""
+    path = args.initial_checkpoint or args.finetune
+    weights, which = start_weights(args, checkpoint if checkpoint is not None else load_checkpoint_file(path))
     if args.finetune:
         source_classes = head_classes(weights) or num_classes
         if source_classes != num_classes:
@@ -58,12 +67,13 @@ def load_start_weights(model: nn.Module, args: argparse.Namespace, num_classes: 
     return model
 
 
-def initial_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """--model with its starting weights, the same on every rank (so is the EMA made from it)."""
+def initial_model(args: argparse.Namespace, num_classes: int, start_checkpoint: Optional[dict] = None) -> nn.Module:
+    """--model with its starting weights (``start_checkpoint``: the --initial-checkpoint or
+    --finetune file when already read), the same on every rank (so is the EMA made from it)."""
     seed_all(args.seed)
     model = create_dvt(args, num_classes)
     if args.initial_checkpoint or args.finetune:
-        model = load_start_weights(model, args, num_classes)
+        model = load_start_weights(model, args, num_classes, start_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     num_exits = model.num_exits

@@ -3,6 +3,7 @@ groups, optimizer, learning-rate schedule, model EMA, mixup and the loss, new he
 from __future__ import annotations
 
 import argparse
+import difflib
 from typing import Any, Optional
 
 import torch
@@ -15,6 +16,10 @@ from timm.utils import ModelEmaV3
 
 from ..errors import ConfigError
 from .guard import fused_kwargs
+
+# The names timm's create_scheduler_v2 accepts (timm 1.0), for the message that lists them;
+# whether a name is accepted is timm's to say (check_scheduler).
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "rsqrt", "constant", "none")
 
 
 def init_head_(head: nn.Module) -> None:
@@ -82,7 +87,20 @@ def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, 
             plateau_mode="min" if args.eval_metric.endswith("loss") else "max",
             step_on_epochs=True, updates_per_epoch=steps_per_epoch)
     except ValueError as e:
+        if f"Unknown scheduler '{args.sched}'" in str(e):
+            close = difflib.get_close_matches(args.sched, SCHEDULERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown --sched {args.sched!r}{hint}; timm's schedulers: {', '.join(SCHEDULERS)}") \
+                from None
         raise ConfigError(f"--sched {args.sched}: {e}") from None
+
+
+def check_scheduler(args: argparse.Namespace) -> None:
+    """Raise a ConfigError when timm cannot build ``--sched`` with the run's schedule options:
+    the schedule is built once over a stand-in parameter, so timm itself judges the name (it
+    keeps no list of its schedulers)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    build_scheduler(args, optimizer, steps_per_epoch=1)
 
 
 def build_ema(args: argparse.Namespace, model: nn.Module) -> Optional[ModelEmaV3]:
