@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fake_data import make_image_folder
-from helpers import REPO, SUBPROCESS_ENV, quick_args, run_main
+from helpers import REPO, SUBPROCESS_ENV, child_pids, quick_args, run_main
 from utils.checkpoint.files import load_checkpoint_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,21 +53,6 @@ def test_sigterm_during_the_release_export_stops_it_cleanly(small_data, tmp_path
 
 
 # ------------------------------------------------------------------- Ctrl-C in inference.py
-
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (a loader's workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
 
 def wait_until(condition, timeout: float = 120.0) -> None:
     """Poll ``condition`` until it holds (the moment is what matters, not a duration)."""
@@ -121,7 +106,7 @@ def test_ctrl_c_in_inference_with_workers_prints_one_line(trained_run, tmp_path)
         else:
             return
         if moment == "workers exist":
-            wait_until(lambda: len(children(proc.pid)) >= 2 or proc.poll() is not None)
+            wait_until(lambda: len(child_pids(proc.pid)) >= 2 or proc.poll() is not None)
         elif moment == "a batch is done":
             read_until(proc.stderr, BATCH_DONE, seen)
         os.killpg(proc.pid, signal.SIGINT)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EXACT, REPO, SUBPROCESS_ENV, main_args, only_folder, read_summary, same_weights, untimed
+from helpers import EXACT, REPO, SUBPROCESS_ENV, child_pids, main_args, only_folder, read_summary, same_weights, untimed
 from utils.checkpoint.files import load_checkpoint_file
 
 
@@ -22,21 +22,6 @@ def torchrun(data: Path, out: Path, *extra: str, restarts: int = 0) -> subproces
                       experiment=""), *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The processes whose parent is ``parent`` (torchrun's workers)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                pids.append(int(entry))
-    return sorted(pids)
 
 
 @pytest.mark.slow
@@ -54,7 +39,7 @@ def test_kill_9_of_a_worker_under_torchrun_restart_resumes_bitwise(tmp_path, ima
     for line in run.stdout:
         seen.append(line)
         if "train 1 [    2/3]" in line:
-            workers = worker_pids(run.pid)
+            workers = child_pids(run.pid)
             assert len(workers) == 2, workers
             os.kill(workers[-1], signal.SIGKILL)
             break
