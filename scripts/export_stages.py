@@ -2,7 +2,13 @@
 
     python scripts/export_stages.py --model DVT_tiny --img-size 64 --out exported/DVT_tiny
     python scripts/export_stages.py --model DVT_T2t_vit_12 --checkpoint DVT_T2t_vit_12.pth.tar --out exported/t2t12 \\
-        --thresholds 0.8 0.7 -1e8 --dtype bf16
+        --thresholds 0.8 0.7 0 --dtype bf16
+    python scripts/export_stages.py --checkpoint output/train/run/best.pth.tar --out exported/run
+
+The model is rebuilt from the checkpoint (:func:`utils.checkpoint.weights.build_from_checkpoint`:
+its classes, and its name and image size where it records them, as this project's files and
+model folders do); ``--model`` and ``--img-size`` are then needed only for files that do not
+say them (the released ``.pth.tar`` files), and must agree with those that do.
 
 Each stage (:class:`models.dvt.ExitStep`) is exported with a dynamic batch and saved as
 ``OUT/stage0.pt2``, ``stage1.pt2``, ...; the programs are then read back and run with real
@@ -22,21 +28,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import build_dvt  # noqa: E402
+from models import DVT, build_dvt  # noqa: E402
 from models.deploy import export_stages, load_stages, save_stages  # noqa: E402
 from models.dvt import run_early_exit  # noqa: E402
+from models.registry import MODEL_CFGS  # noqa: E402
 from utils.budget.thresholds import find_budget_thresholds  # noqa: E402
-from utils.checkpoint.weights import load_checkpoint  # noqa: E402
-from utils.errors import CheckpointError  # noqa: E402
+from utils.checkpoint.files import load_checkpoint_file  # noqa: E402
+from utils.checkpoint.weights import build_from_checkpoint  # noqa: E402
+from utils.errors import CheckpointError, ConfigError  # noqa: E402
+from utils.run.preflight import check_output_folder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_IMG_SIZE = 224
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="registered DVT model name")
-    parser.add_argument("--checkpoint", default=None, help="weights (released or ours; default: seeded random weights)")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--model", default=None,
+                        help=f"registered DVT model ({', '.join(MODEL_CFGS)}); default: the checkpoint's own")
+    parser.add_argument("--checkpoint", default=None,
+                        help="weights: a checkpoint file (released or ours) or a model folder (default: seeded "
+                             "random weights)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help=f"input size; default: the checkpoint's own, else {DEFAULT_IMG_SIZE}")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weights converted once to this dtype")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True, type=Path, help="folder for stage0.pt2, stage1.pt2, ...")
@@ -48,29 +62,63 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.error("--batch must be at least 2 (the export example)")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.model is None and args.checkpoint is None:
+        parser.error("--model is needed without --checkpoint")
+    if args.img_size is not None and args.img_size < 1:
+        parser.error(f"--img-size must be positive, got {args.img_size}")
     return args
+
+
+def stored_img_size(checkpoint: dict) -> Optional[int]:
+    """The image size a checkpoint records (this project's files and model folders), if any."""
+    size = (checkpoint.get("model_kwargs") or {}).get("img_size") if checkpoint.get("model_name") else None
+    return size if isinstance(size, int) else None
+
+
+def build_model(args: argparse.Namespace) -> DVT:
+    """--model with seeded random weights, or the model of --checkpoint with its weights.
+
+    Raises:
+        ConfigError: an unknown --model.
+        CheckpointError: a checkpoint that cannot be read, or that disagrees with --model or
+            --img-size.
+    """
+    if args.model is not None and args.model not in MODEL_CFGS:
+        raise ConfigError(f"unknown model {args.model!r}; choose one of: {', '.join(MODEL_CFGS)}")
+    torch.manual_seed(0)
+    if not args.checkpoint:
+        return build_dvt(args.model, img_size=args.img_size or DEFAULT_IMG_SIZE).eval()
+    checkpoint = load_checkpoint_file(args.checkpoint)
+    stored = stored_img_size(checkpoint)
+    if stored is not None and args.img_size not in (None, stored):
+        raise CheckpointError(f"{args.checkpoint} was trained at --img-size {stored}, but --img-size is {args.img_size}; "
+                          f"drop --img-size or pass --img-size {stored}")
+    defaults = {"img_size": args.img_size} if args.img_size is not None else None
+    model, _ = build_from_checkpoint(checkpoint, args.checkpoint, name=args.model, defaults=defaults)
+    if not isinstance(model, DVT):
+        raise CheckpointError(f"{args.checkpoint} holds a single-exit {type(model).__name__}; export_stages.py "
+                              f"exports DVT cascades ({', '.join(MODEL_CFGS)})")
+    return model
 
 
 @torch.no_grad()
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build_dvt(args.model, img_size=args.img_size).eval()
-    if args.checkpoint:
-        try:
-            load_checkpoint(model, args.checkpoint)
-        except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+    try:
+        model = build_model(args)
+        if args.thresholds is not None and len(args.thresholds) != model.num_exits:
+            raise ConfigError(f"--thresholds needs {model.num_exits} values, got {len(args.thresholds)}")
+        check_output_folder(args.out, flag="--out")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model.to(device=device, dtype=DTYPES[args.dtype])
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    x = torch.randn(args.batch, 3, model.img_size, model.img_size, device=device)
     if args.thresholds is not None:
-        if len(args.thresholds) != model.num_exits:
-            print(f"error: --thresholds needs {model.num_exits} values, got {len(args.thresholds)}", file=sys.stderr)
-            return 1
         thresholds = torch.tensor(args.thresholds)
     else:
         conf = torch.stack(model(x)).float().softmax(-1).amax(-1).cpu()  # (E, B)

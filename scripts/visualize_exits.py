@@ -250,8 +250,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
     if args.budget is not None and args.budget <= 0:
         raise ConfigError(f"--budget must be positive, got {args.budget}")
-    if not Path(args.checkpoint_path).is_file():
-        raise CheckpointError(f"checkpoint not found: {args.checkpoint_path}")
     if not Path(args.out).suffix.lower() == ".png":
         raise ConfigError(f"--out must name a .png file, got {args.out}")
 

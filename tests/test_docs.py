@@ -11,8 +11,7 @@ substitutions of :data:`SUBSTITUTIONS` (applied in order to the block's text) an
 value of an option wins):
 
 * ``DVT_T2t_vit_12.pth.tar`` (and the other released files): a ``DVT_tiny`` with 3 classes at
-  224 px in the released layout, thresholds fitted by ``inference.py --eval_mode 2``; for
-  ``scripts/export_stages.py``, which builds its model with 1,000 classes, 1,000-class weights;
+  224 px in the released layout, thresholds fitted by ``inference.py --eval_mode 2``;
 * the released model names: ``DVT_tiny`` (config file names stay), ``num_classes=1000``: 3;
 * ``/path/to/imagenet``: the ``image_data`` ImageFolder (3 classes); ``/path/to/cifar``: fake
   CIFAR-10 and CIFAR-100 files; ``photos/``: a folder of a few images;
@@ -48,7 +47,6 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_LANGUAGES = {"bash", "sh", "shell", "python"}
 
 SUBSTITUTIONS: list[tuple[str, str]] = [
-    (r"(export_stages\.py\b.*--checkpoint )DVT_\w+\.pth\.tar\b", r"\1{checkpoint_1000}"),
     (r"\bDVT_(?:T2t_vit_1[24]|Deit_small)\.pth\.tar\b", "{checkpoint}"),
     (r"\bDVT_(?:T2t_vit_1[24]|Deit_small)\b(?![_.])", "DVT_tiny"),
     (r"\bnum_classes=1000\b", "num_classes=3"),
@@ -150,16 +148,15 @@ def stand_ins(tmp_path_factory, image_data, one_thread) -> dict[str, str]:
         Image.fromarray(rs.randint(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / name)
 
     torch.manual_seed(0)
-    weights, weights_1000 = root / "weights.pth.tar", root / "DVT_tiny_1000.pth.tar"
-    for path, num_classes in ((weights, 3), (weights_1000, 1000)):
-        model = models.build_dvt("DVT_tiny", num_classes=num_classes)
-        torch.save({"model_state_dict": to_original_state_dict(model.state_dict())}, path)
+    weights = root / "weights.pth.tar"
+    model = models.build_dvt("DVT_tiny", num_classes=3)
+    torch.save({"model_state_dict": to_original_state_dict(model.state_dict())}, weights)
     checkpoint = root / "DVT_tiny_released.pth.tar"
     status = inference.main(["--data_url", str(image_data), "--checkpoint_path", str(weights), "--model", "DVT_tiny",
                              "--eval_mode", "2", "--workers", "0", "--device", "cpu", "--no_progress",
                              "--save_checkpoint", str(checkpoint)])
     assert status == 0 and checkpoint.is_file()
-    return {"checkpoint": str(checkpoint), "checkpoint_1000": str(weights_1000), "imagenet": str(image_data),
+    return {"checkpoint": str(checkpoint), "imagenet": str(image_data),
             "cifar": str(cifar), "photos": str(photos)}
 
 
