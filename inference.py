@@ -77,13 +77,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
     Expected mistakes (bad options, checkpoint or data) give one line on stderr and status 1;
-    bad command-line syntax gives argparse's message and status 2.
+    bad command-line syntax gives argparse's message and status 2, and so does an unknown
+    --model (one line), as in main.py.
     """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        check_model_name(args.model)
     except SystemExit as e:
         return int(e.code or 0)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":  # every process refuses the same option
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     previous = signal.signal(signal.SIGINT, CTRL_C)
     CTRL_C.pid = os.getpid()

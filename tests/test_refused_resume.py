@@ -1,7 +1,7 @@
-"""A --resume that main.py must refuse gives one ``error:`` line and leaves the run folder
-byte-identical: status 1 for a file it cannot read (missing, a folder, empty, text), status 2
-for a readable checkpoint the options do not fit (a released file, another model, image size or
-class count, a best checkpoint behind the folder's last)."""
+"""A --resume that main.py must refuse gives one ``error:`` line, status 1 (a checkpoint error,
+docs/troubleshooting.md) and leaves the run folder byte-identical: a file it cannot read (missing,
+a folder, empty, text) or a readable checkpoint that does not fit the run (a released file,
+another model, image size or class count, a best checkpoint behind the folder's last)."""
 from __future__ import annotations
 
 import shutil
@@ -59,5 +59,5 @@ def test_refused_resume_changes_nothing(case, trained_run, small_data, tmp_path,
     before = snapshot(out)
     code, _, err = run_main(capsys, quick_args(dataset, out, *extra, experiment=None))
     line = error_line(err)
-    assert code == (1 if case in UNREADABLE else 2) and expected in line, line
+    assert code == 1 and expected in line, line
     assert snapshot(out) == before

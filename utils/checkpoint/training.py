@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..run.distributed import DistEnv, all_gather_objects, barrier
 from ..run.folder import BEST, LAST
 from ..train.loop import ExitMeter, TrainContext
@@ -170,10 +170,10 @@ class Checkpoints:
 
 
 def require_training_checkpoint(checkpoint: Mapping[str, Any], path: str) -> None:
-    """Raise a ConfigError unless ``checkpoint`` (``--resume path``) is a training checkpoint
+    """Raise a CheckpointError unless ``checkpoint`` (``--resume path``) is a training checkpoint
     of main.py."""
     if not is_training_checkpoint(checkpoint):
-        raise ConfigError(f"--resume {path}: not a training checkpoint of main.py (last.pth.tar or "
+        raise CheckpointError(f"--resume {path}: not a training checkpoint of main.py (last.pth.tar or "
                           "best.pth.tar); to start from weights only use --initial-checkpoint or --finetune")
 
 
@@ -198,30 +198,30 @@ def check_resumable(checkpoint: Mapping[str, Any], path: str, model: str, img_si
             name is accepted when its weights have exactly this layout (a renamed variant).
 
     Raises:
-        ConfigError: a released file, or another model, image size or set of classes.
+        CheckpointError: a released file, or another model, image size or set of classes.
     """
     if "model_state_dict" in checkpoint and "format" not in checkpoint:
-        raise ConfigError(f"--resume {path} is a released checkpoint (weights and results only, no training "
+        raise CheckpointError(f"--resume {path} is a released checkpoint (weights and results only, no training "
                           "state); continue training from its weights with --initial-checkpoint or --finetune")
     stored = checkpoint.get("model_name")
     weights = checkpoint.get("model")
     same_layout = layout is not None and isinstance(weights, Mapping) and state_layout(weights) == dict(layout)
     if stored and stored != model and not same_layout:
-        raise ConfigError(f"--resume {path} is a {stored} checkpoint, but --model is {model}; pass --model {stored}")
+        raise CheckpointError(f"--resume {path} is a {stored} checkpoint, but --model is {model}; pass --model {stored}")
     kwargs = checkpoint.get("model_kwargs") or {}
     if kwargs.get("img_size") not in (None, img_size):
-        raise ConfigError(f"--resume {path} was trained at --img-size {kwargs['img_size']}, this run is at "
+        raise CheckpointError(f"--resume {path} was trained at --img-size {kwargs['img_size']}, this run is at "
                           f"{img_size}; pass --img-size {kwargs['img_size']}")
     stored_names = checkpoint.get("class_names")
     if class_names is not None and stored_names is not None and list(stored_names) != list(class_names):
         from ..data.classes import compare_classes
 
         diff = compare_classes(stored_names, class_names, "the checkpoint", "the dataset")
-        raise ConfigError(f"--resume {path}: the dataset's classes are not those of the checkpoint ({diff}); "
+        raise CheckpointError(f"--resume {path}: the dataset's classes are not those of the checkpoint ({diff}); "
                           "resume on the dataset it was trained on")
     stored_count = kwargs.get("num_classes")
     if num_classes is not None and stored_count is not None and stored_count != num_classes:
-        raise ConfigError(f"--resume {path} has {stored_count} classes, this run {num_classes}; resume on the "
+        raise CheckpointError(f"--resume {path} has {stored_count} classes, this run {num_classes}; resume on the "
                           "dataset it was trained on (or start a new run with --finetune)")
 
 
@@ -231,7 +231,7 @@ def check_not_rewinding(resume: str | os.PathLike, folder: str | os.PathLike, re
     checkpoint is further on would overwrite that one with an earlier state: refuse.
 
     Raises:
-        ConfigError: the folder's last checkpoint is ahead of ``resume``.
+        CheckpointError: the folder's last checkpoint is ahead of ``resume``.
     """
     last = Path(folder) / last_name
     if not last.is_file() or last.resolve() == Path(resume).resolve():
@@ -244,7 +244,7 @@ def check_not_rewinding(resume: str | os.PathLike, folder: str | os.PathLike, re
         return  # a damaged last checkpoint is no state worth keeping
     here, there = int(resumed.get("num_updates", 0)), int(ahead.get("num_updates", 0))
     if there > here:
-        raise ConfigError(
+        raise CheckpointError(
             f"--resume {resume} (epoch {resumed.get('epoch')}, {here} updates) is behind {last} (epoch "
             f"{ahead.get('epoch')}, {there} updates) of the same run, which resuming would overwrite; resume "
             f"from {last}, or pass --experiment NAME to continue from {Path(resume).name} in a new folder")

@@ -75,7 +75,7 @@ def iter_image_paths(sources: Sequence[str | os.PathLike]) -> Iterator[str]:
 
 def check_sources(sources: Sequence[str | os.PathLike]) -> list[str]:
     """The sources as strings, after checking that each exists, that list files can be read
-    and that folders hold at least one image (a ConfigError otherwise)."""
+    and that folders and list files hold at least one image (a ConfigError otherwise)."""
     if not sources:
         raise ConfigError("nothing to classify: give image files, folders or list files")
     checked = []
@@ -88,10 +88,11 @@ def check_sources(sources: Sequence[str | os.PathLike]) -> list[str]:
                 raise ConfigError(f"no images in {source} (looked for {', '.join(IMAGE_SUFFIXES)})")
         elif source.lower().endswith(LIST_SUFFIXES):
             try:
-                with open(path, encoding="utf-8") as f:
-                    f.read(4096)
+                first = next(read_list(path), None)  # reads up to the first path, however long the list
             except (OSError, UnicodeDecodeError) as e:
                 raise ConfigError(f"cannot read the list file {source}: {e}") from None
+            if first is None:
+                raise ConfigError(f"no images in {source}: the list file names no image (one path per line)")
         checked.append(source)
     return checked
 

@@ -1,0 +1,48 @@
+"""The exit statuses docs/troubleshooting.md promises, for the mistakes a new user makes with
+inference.py: 2 for an option (an unknown --model, as in main.py), 1 for data (nothing to
+classify); one ``error:`` line and nothing written either way."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import REPO, error_line, run_inference, snapshot
+from models.registry import MODEL_CFGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "predict"])
+def test_unknown_model_is_an_option_error(mode, trained_run, small_data, tmp_path, capsys):
+    checkpoint = trained_run / "released.pth.tar"
+    argv = (["--data_url", small_data, "--eval_mode", "1", "--output", tmp_path / "report"] if mode == "evaluate" else
+            ["--predict", small_data / "val", "--output", tmp_path / "preds.csv"])
+    before = snapshot(tmp_path)
+    code, out, err = run_inference(capsys, "--checkpoint_path", checkpoint, "--model", "DVT_tiniest", *argv)
+    assert code == 2 and out == ""
+    assert error_line(err) == (f"error: unknown model 'DVT_tiniest'; choose one of: {', '.join(MODEL_CFGS)}, "
+                               "or a timm model (single-exit baseline)"), err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_list_file_is_refused_like_an_empty_folder(content, trained_run, tmp_path, capsys):
+    listed = tmp_path / "images.txt"
+    listed.write_text(content)
+    before = snapshot(tmp_path)
+    code, out, err = run_inference(capsys, "--checkpoint_path", trained_run / "released.pth.tar", "--predict", listed,
+                                   "--output", tmp_path / "preds.csv")
+    assert code == 1 and out == ""
+    assert error_line(err) == f"error: no images in {listed}: the list file names no image (one path per line)"
+    assert snapshot(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_inference(capsys, "--checkpoint_path", trained_run / "released.pth.tar", "--predict",
+                                 tmp_path / "empty")
+    assert code == 1 and error_line(err).startswith(f"error: no images in {tmp_path / 'empty'} (looked for ")
+
+
+def test_docs_table_states_the_statuses():
+    """docs/troubleshooting.md's table puts each mistake under the status the code gives it."""
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "another model" in rows["1"] and "run folder in use" not in rows["1"]
+    assert "run folder in use" in rows["2"] and "unknown `--model`" in rows["2"].split("|")[3]
