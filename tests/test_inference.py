@@ -413,7 +413,6 @@ def error_cases(bad: dict[str, Path], data: Path, tiny: Path) -> dict[str, tuple
                                         "'dynamic_threshold' must be (budgets, 3)"),
         "--model disagrees with the file": (common(data, bad["project"], 1, "--model", "DVT_T2t_vit_12"),
                                             "holds a DVT_tiny checkpoint, but --model is DVT_T2t_vit_12"),
-        "unknown model": (common(data, tiny, 2, "--model", "DVT_huge"), "unknown model 'DVT_huge'"),
         "missing dataset": (common(data / "nowhere", tiny, 2, "--model", "DVT_tiny"), "dataset folder not found"),
         "missing val folder": (common(bad["no_val"], tiny, 2, "--model", "DVT_tiny"), "has no 'val/' folder"),
         "corrupt image": (common(bad["corrupt_data"], bad["project"], 1), "cannot read image"),
