@@ -108,3 +108,8 @@ def test_finetune_checked_once_then_run(small_data, tmp_path, capsys, caplog, mo
                                               "--calib-size", "8", "--log-interval", "0", "--no-release"))
     assert code == 0, err
     assert reads == [str(four)] and "(model weights, 4 -> 3 classes)" in caplog.text
+
+
+def test_eval_metric_of_a_missing_exit(small_data, tmp_path, capsys):
+    code, line = refused(capsys, tmp_path, small_data, "--eval-metric", "exit5_top1")
+    assert code == 2 and line.startswith("error: --eval-metric 'exit5_top1': DVT_tiny has 3 exits; choose one of "), line

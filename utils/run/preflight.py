@@ -25,7 +25,7 @@ from ..data.scan import list_classes
 from ..data.shards import tar_split
 from ..errors import CheckpointError, ConfigError, DataError
 from ..precision import Precision, resolve_precision
-from ..train.model import create_dvt, start_weights
+from ..train.model import check_eval_metric, create_dvt, start_weights
 from .folder import LAST
 
 MiB = 2 ** 20
@@ -167,6 +167,14 @@ def estimated_checkpoint_bytes(args: argparse.Namespace, num_classes: int) -> in
     return checkpoint_bytes(model, copies=3 + int(args.model_ema))
 
 
+def check_model_options(args: argparse.Namespace, num_classes: int) -> None:
+    """--model can be built with the run's options (--model-kwargs, the reuse switches) and
+    --eval-metric names one of its metrics: checked on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = create_dvt(args, num_classes)
+    check_eval_metric(args, model.num_exits)
+
+
 def check_before_run(args: argparse.Namespace, folder: Path, device: Optional[torch.device] = None) -> PreChecked:
     """Everything that can be checked before the run writes anything or lists its images: the
     precision on ``device``, the class folders of train and val, the --resume or
@@ -181,6 +189,7 @@ def check_before_run(args: argparse.Namespace, folder: Path, device: Optional[to
         check_split_classes(class_names, list_classes(val_dir), args.data, args.train_split, args.val_split)
     known_classes = args.num_classes or (len(class_names) if class_names else CIFAR_NUM_CLASSES.get(args.dataset))
     num_classes = known_classes or 1000
+    check_model_options(args, num_classes)
     checkpoint = start = None
     if args.initial_checkpoint or args.finetune:
         start = _checked_start(args, known_classes)

@@ -76,10 +76,14 @@ def initial_model(args: argparse.Namespace, num_classes: int, start_checkpoint: 
         model = load_start_weights(model, args, num_classes, start_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    num_exits = model.num_exits
+    check_eval_metric(args, model.num_exits)
+    return model
+
+
+def check_eval_metric(args: argparse.Namespace, num_exits: int) -> None:
+    """Raise a ConfigError unless --eval-metric names a metric of a model with ``num_exits`` exits."""
     metric_names = {"loss", "top1", "top5", f"exit{num_exits}_top5"} | {
         f"exit{k}_{m}" for k in range(1, num_exits + 1) for m in ("top1", "loss")}
     if args.eval_metric not in metric_names:
         raise ConfigError(f"--eval-metric {args.eval_metric!r}: {args.model} has {num_exits} exits; "
                           f"choose one of {', '.join(sorted(metric_names))}")
-    return model
