@@ -45,29 +45,30 @@ import sys
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from models import DVT
 from models.deploy import CompiledCascade
 from utils.budget.choice import as_plain, stored_thresholds
 from utils.budget.flops import exit_costs
 from utils.budget.report import budget_report, early_exit_report, fmt_list, print_results, save_outputs
-from utils.budget.stats import ValRun, anytime_accuracy, collect_exit_stats, validation_run
+from utils.budget.sharded import sharded_exit_stats, sharded_validation_run
+from utils.budget.stats import ValRun, anytime_accuracy
 from utils.budget.thresholds import DEFAULT_BUDGETS, budget_curve, find_budget_thresholds, thresholds_for_budget
 from utils.checkpoint.files import load_checkpoint_file
 from utils.checkpoint.release import RESULT_KEYS, require_entries, save_with_results
 from utils.checkpoint.weights import build_from_checkpoint, checkpoint_model_name
+from utils.data.build import read_split, split_classes
 from utils.data.classes import check_checkpoint_classes, check_split_classes
-from utils.data.folders import build_split, split_dir
-from utils.data.loader import calibration_subset, make_loader
-from utils.data.scan import list_classes
+from utils.data.loader import BatchShardSampler, calibration_subset, close_loaders, make_loader
 from utils.data.transforms import calibration_transform, eval_transform
 from utils.errors import CheckpointError, ConfigError, DataError, one_line
 from utils.precision import resolve_precision
 from utils.predict.classifier import DVTClassifier
-from utils.predict.output import PredictionSummary, PredictionWriter, output_format
+from utils.predict.job import PredictOptions, predict_files
+from utils.predict.output import PredictionSummary, output_format
+from utils.predict.resume import refuse_existing
 from utils.predict.sources import check_sources
-from utils.run.distributed import resolve_device
+from utils.run.distributed import DistEnv, cleanup_distributed, join_launcher, launcher_rank, on_rank_zero
 from utils.run.inference_options import DEFAULT_MODEL, build_parser, check_args, check_model_name
 from utils.run.preflight import check_output_folder, check_writable_file
 from utils.run.signals import CTRL_C
@@ -96,32 +97,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         evaluate(args)
     except out_of_memory:
-        print(f"error: out of memory at --batch_size {args.batch_size}; try a smaller one", file=sys.stderr)
+        print(f"error: {rank_prefix()}out of memory at --batch_size {args.batch_size}; try a smaller one",
+              file=sys.stderr)
         return 1
     except (CheckpointError, DataError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if launcher_rank() == 0 or not isinstance(e, ConfigError):  # every process refuses the same options
+            print(f"error: {rank_prefix()}{one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+        close_loaders()
+        cleanup_distributed()
     return 0
+
+
+def rank_prefix() -> str:
+    """``rank N: `` before the error line of a process other than the first, else nothing."""
+    return f"rank {launcher_rank()}: " if launcher_rank() else ""
 
 
 def evaluate(args: argparse.Namespace) -> None:
     """The body of the command; raises the errors :func:`main` turns into messages."""
+    if launcher_rank():
+        args.no_progress = True  # one process shows progress, as it alone prints
     if args.predict is not None:
         predict_images(args)
         return
     check_args(args)
-    check_outputs(args)
+    if args.eval_mode == 0:  # runs nothing: the first process alone prints
+        if launcher_rank() == 0:
+            check_outputs(args)
+            show_stored(args, load_checkpoint_file(args.checkpoint_path), {"settings": dict(vars(args))})
+        return
+    env = join_launcher(args.device)
+    on_rank_zero(lambda: check_outputs(args))
     checkpoint = load_checkpoint_file(args.checkpoint_path)
-    report: dict[str, Any] = {"settings": dict(vars(args))}
-    if args.eval_mode == 0:
-        show_stored(args, checkpoint, report)
-    else:
-        evaluate_model(args, checkpoint, report)
+    evaluate_model(args, env, checkpoint, {"settings": dict(vars(args))})
 
 
 # ------------------------------------------------------------------------- mode 0
@@ -145,10 +159,11 @@ def show_stored(args: argparse.Namespace, checkpoint: dict, report: dict) -> Non
 
 class Setup(NamedTuple):
     """What modes 1 and 2 run with: the model (and ``runner``, the model or its compiled
-    stand-in), where it runs, its exit costs, the stored thresholds (mode 1; None in mode 2),
-    the budget indices of the thresholds' rows and the validation set."""
+    stand-in), the processes and where this one runs, its exit costs, the stored thresholds
+    (mode 1; None in mode 2), the budget indices of the thresholds' rows and the validation set."""
     model: DVT
     runner: Any
+    env: DistEnv
     device: torch.device
     amp_dtype: Optional[torch.dtype]
     flops: list[float]
@@ -158,11 +173,12 @@ class Setup(NamedTuple):
     val_set: Any
 
 
-def evaluate_model(args: argparse.Namespace, checkpoint: dict, report: dict) -> None:
+def evaluate_model(args: argparse.Namespace, env: DistEnv, checkpoint: dict, report: dict) -> None:
     """Modes 1 and 2: the thresholds of every budget (stored, or found on the calibration set)
     and of every --budget, one validation run (with the adaptive runs of --early_exit), the
-    results printed, then --output and --save_checkpoint."""
-    setup = prepare(args, checkpoint)
+    results printed, then --output and --save_checkpoint. Under a launcher each process runs its
+    share of the images, and the first one prints and writes what one process would."""
+    setup = prepare(args, env, checkpoint)
     calib = None
     if args.eval_mode == 2 or args.budget:
         *calib, report["num_calibration"] = calibrate(args, setup)
@@ -175,11 +191,13 @@ def evaluate_model(args: argparse.Namespace, checkpoint: dict, report: dict) -> 
         early_sets += [(f"budget_index {p}", thresholds[p - 1]) for p in args.budget_index]
         early_sets += [(f"budget {t:g} GFLOPs", f.thresholds) for t, f in zip(args.budget, found)]
 
-    note(f"evaluating {len(setup.val_set)} validation images on {setup.device}")
-    val = validation_run(setup.runner, loader(args, setup.val_set, setup.device), setup.device, setup.amp_dtype,
-                         [t for _, t in early_sets], not args.no_progress)
+    note(f"evaluating {len(setup.val_set)} validation images on {processes(env)}")
+    val = sharded_validation_run(setup.runner, loader(args, setup.val_set, env), setup.model.num_exits, env,
+                                 setup.amp_dtype, [t for _, t in early_sets], not args.no_progress)
     _, curve = budget_curve(val.confidence, val.correct, setup.flops, thresholds=thresholds)
     anytime = anytime_accuracy(val.correct)
+    if not env.is_main:
+        return
     print_results(setup.flops, anytime, curve)
     budget_results = [budget_report(t, f, val, setup.flops) for t, f in zip(args.budget, found)]
     early_results = [early_exit_report(label, t, run, val, setup.flops)
@@ -193,13 +211,13 @@ def evaluate_model(args: argparse.Namespace, checkpoint: dict, report: dict) -> 
         note(f"saved {args.save_checkpoint}")
 
 
-def prepare(args: argparse.Namespace, checkpoint: dict) -> Setup:
+def prepare(args: argparse.Namespace, env: DistEnv, checkpoint: dict) -> Setup:
     """Everything that can be checked before a slow step: the model with its weights, its exit
     costs, the stored thresholds, the budgets asked for and the validation classes."""
     path = args.checkpoint_path
     if args.eval_mode == 1:
         require_entries(checkpoint, ("dynamic_threshold",), path, "by --eval_mode 1 (or use --eval_mode 2)")
-    device = resolve_device(args.device)
+    device = env.device
     amp_dtype = resolve_amp(args.amp, device)
     overrides = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
     model, _ = build_from_checkpoint(checkpoint, path, name=args.model, default_name=DEFAULT_MODEL, **overrides)
@@ -216,27 +234,37 @@ def prepare(args: argparse.Namespace, checkpoint: dict) -> Setup:
         if p > len(budgets):
             raise ConfigError(f"--budget_index {p}: there are only {len(budgets)} budgets")
     model.to(device)
-    val_set = build_split(args.data_url, "val", eval_transform(model.img_size))
+    val_set = on_rank_zero(lambda: read_split(args.data_url, "val", eval_transform(model.img_size)))
     check_classes(args, checkpoint, model, val_set, args.eval_mode == 2 or bool(args.budget))
     runner = CompiledCascade(model) if args.compile else model
-    return Setup(model, runner, device, amp_dtype, flops, flops_source, thresholds, budgets, val_set)
+    return Setup(model, runner, env, device, amp_dtype, flops, flops_source, thresholds, budgets, val_set)
 
 
 def calibrate(args: argparse.Namespace, setup: Setup) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Exit statistics on a seeded random subset of the training set: (confidence, correct, size)."""
     size = setup.model.img_size
     transform = calibration_transform(size) if args.calib_transform == "train" else eval_transform(size)
-    calib_set = calibration_subset(build_split(args.data_url, "train", transform), args.calib_size, args.seed)
+    train_set = on_rank_zero(lambda: read_split(args.data_url, "train", transform))
+    if split_classes(args.data_url, "train") is None:  # tar shards: their classes are known once read
+        check_split_classes(list(train_set.classes), list(setup.val_set.classes), args.data_url)
+    calib_set = calibration_subset(train_set, args.calib_size, args.seed)
     note(f"calibration: {len(calib_set)} training images ({args.calib_transform} transform, seed {args.seed})")
-    confidence, correct = collect_exit_stats(setup.runner, loader(args, calib_set, setup.device), setup.device,
-                                             setup.amp_dtype, desc="calibration", progress=not args.no_progress)
+    confidence, correct = sharded_exit_stats(setup.runner, loader(args, calib_set, setup.env), setup.model.num_exits,
+                                             setup.env, setup.amp_dtype, "calibration", not args.no_progress)
     return confidence, correct, len(calib_set)
 
 
-def loader(args: argparse.Namespace, dataset: Any, device: torch.device) -> torch.utils.data.DataLoader:
-    """In-order loader, its generator seeded with --seed, that stops on Ctrl-C with one line."""
-    return make_loader(dataset, None, args.batch_size, args.workers, persistent=False,
-                       pin_memory=device.type == "cuda", seed=args.seed, ctrl_c=True)
+def loader(args: argparse.Namespace, dataset: Any, env: DistEnv) -> torch.utils.data.DataLoader:
+    """This process's batches (all of them when alone), in order, the generator seeded with
+    --seed; stops on Ctrl-C with one line."""
+    sampler = BatchShardSampler(len(dataset), args.batch_size, env.world_size, env.rank)
+    return make_loader(dataset, sampler, args.batch_size, args.workers, persistent=False,
+                       pin_memory=env.device.type == "cuda", seed=args.seed, ctrl_c=True)
+
+
+def processes(env: DistEnv) -> str:
+    return f"{env.world_size} processes on {env.device.type} ({env.backend})" if env.distributed \
+        else str(env.device)
 
 
 def record(report: dict, setup: Setup, val: ValRun, anytime: list[float], thresholds: torch.Tensor,
@@ -269,8 +297,9 @@ def check_outputs(args: argparse.Namespace) -> None:
 def check_classes(args: argparse.Namespace, checkpoint: dict, model: DVT, val_set: Any, calibrates: bool) -> None:
     """The validation classes are the checkpoint's (and the calibration split's), or stop."""
     names = list(val_set.classes)
-    if calibrates:
-        check_split_classes(list_classes(split_dir(args.data_url, "train")), names, args.data_url)
+    train_names = split_classes(args.data_url, "train") if calibrates else None
+    if train_names is not None:
+        check_split_classes(train_names, names, args.data_url)
     warning = check_checkpoint_classes(checkpoint.get("class_names"), model.num_classes, names,
                                        args.checkpoint_path, args.allow_class_mismatch)
     if warning:
@@ -280,10 +309,13 @@ def check_classes(args: argparse.Namespace, checkpoint: dict, model: DVT, val_se
 # ------------------------------------------------------------------------ --predict
 
 def predict_images(args: argparse.Namespace) -> None:
-    """--predict: one row per image to --output (or stdout), notes and the summary to stderr."""
+    """--predict: one row per image to --output (or stdout), notes and the summary to stderr.
+    Under a launcher each process classifies its share and the first one writes every row."""
     check_predict_args(args)
     sources = check_sources(args.predict)
-    device = resolve_device(args.device)
+    env = join_launcher(args.device)
+    on_rank_zero(lambda: refuse_existing(args.output, args.resume, args.overwrite))
+    device = env.device
     clf = DVTClassifier.from_checkpoint(
         args.checkpoint_path, model=args.model, budget=args.budget[0] if args.budget else None,
         budget_index=args.budget_index[0] if args.budget_index else None, thresholds=args.thresholds,
@@ -293,16 +325,12 @@ def predict_images(args: argparse.Namespace) -> None:
     names = ("from " + args.class_names if args.class_names else "the checkpoint's" if
              net.pretrained_cfg.get("label_names") else "ImageNet's (timm)" if clf.to_label else "none")
     note(f"{net.model_name}: {net.num_exits} exits at {fmt_list(clf.flops)} GFLOPs, {net.img_size} px, {net.num_classes} "
-         f"classes (names: {names}); on {device}" + (f", autocast {clf.amp_dtype}" if clf.amp_dtype else ""))
+         f"classes (names: {names}); on {processes(env)}" + (f", autocast {clf.amp_dtype}" if clf.amp_dtype else ""))
     note(clf.choice.describe())
     summary = PredictionSummary(clf.num_exits)
-    topk = min(args.topk, net.num_classes)
-    with PredictionWriter(args.output, topk) as writer, \
-            tqdm(unit="img", desc="predict", disable=args.no_progress, leave=False, file=sys.stderr) as bar:
-        for rows in clf.predict_batches(sources, args.batch_size, args.workers, topk):
-            writer.write_many(rows)
-            summary.add(rows)
-            bar.update(len(rows))
+    options = PredictOptions(args.output, min(args.topk, net.num_classes), args.batch_size, args.workers, args.resume,
+                             not args.no_progress)
+    predict_files(clf, sources, env, options, summary)
     note(summary.line(clf.choice.budget, clf.choice.expected_gflops))
     if args.output:
         note(f"wrote {args.output}")
@@ -322,6 +350,10 @@ def check_predict_args(args: argparse.Namespace) -> None:
             note(f"{flag} is not used: --thresholds comes first")
     if args.budget and args.budget_index:
         note("--budget_index is not used: --budget comes first")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the rows written, --overwrite starts over: give one")
+    if args.resume and not args.output:
+        raise ConfigError("--resume continues an --output file; without one the rows go to stdout")
     for flag, value, low in (("--batch_size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--topk", args.topk, 0)):
         if value < low:
@@ -342,7 +374,9 @@ def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtyp
 
 
 def note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A line on stderr, from the first process only."""
+    if launcher_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .classes import check_checkpoint_classes, check_split_classes, few_classes_
 from .folders import build_split, split_dir
 from .images import BadImageCounter, SkipBadImages, loader_collate
 from .loader import EpochSampler, SeededDataset, ShardSampler, calibration_subset, make_loader
+from .scan import list_classes
 from .shards import TarImageFolder, tar_split
 from .transforms import DeviceNormalize, calibration_transform, default_mean_std, eval_transform, guard_posterize
 
@@ -96,6 +97,14 @@ def read_split(root: str, split: str, transform: Any) -> Any:
     """``root/split`` as an ImageFolder, or as tar shards (``split/*.tar`` or ``split.tar``)."""
     shards = tar_split(root, split)
     return TarImageFolder(shards, transform) if shards is not None else build_split(root, split, transform)
+
+
+def split_classes(root: str, split: str) -> Optional[list[str]]:
+    """The class names of ``root/split`` read from its folder names, without listing any image;
+    None for tar shards, whose classes are known once their members are read."""
+    if tar_split(root, split) is not None:
+        return None
+    return list_classes(split_dir(root, split))
 
 
 def calibration_set(args: argparse.Namespace, img_size: int, scanned: Any = None):

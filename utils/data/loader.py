@@ -144,6 +144,32 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.n, self.world_size))
 
 
+class BatchShardSampler(Sampler):
+    """This rank's share of the batches a single process would make: the dataset cut into
+    consecutive batches of ``batch_size`` (the last may be shorter), batch ``k`` going to rank
+    ``k % world_size``. Every batch holds the samples it holds in a one-process run, so the
+    numbers computed on it are the same to the last bit; a loader with the same ``batch_size``
+    rebuilds exactly these batches."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0) -> None:
+        self.n, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+
+    def index(self) -> torch.Tensor:
+        """``(n,)`` the dataset positions this rank reads, in its order."""
+        first = self.rank * self.batch_size
+        if first >= self.n:
+            return torch.empty(0, dtype=torch.long)
+        starts = torch.arange(first, self.n, self.world_size * self.batch_size)
+        index = (starts.view(-1, 1) + torch.arange(self.batch_size).view(1, -1)).flatten()  # (batches * B,)
+        return index[index < self.n]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.index().tolist())
+
+    def __len__(self) -> int:
+        return len(self.index())
+
+
 _OPEN_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
 
 

@@ -47,6 +47,13 @@ def columns(topk: int) -> list[str]:
     return [*BASE_COLUMNS, *top, "error"]
 
 
+def record_keys(fmt: str, topk: int) -> list[str]:
+    """The columns (CSV) or keys (JSON lines) of every row, in order."""
+    if fmt == "csv":
+        return columns(topk)
+    return [*BASE_COLUMNS, "error", *(("topk_index", "topk_name", "topk_prob") if topk else ())]
+
+
 def row_of(p: Prediction, topk: int) -> dict:
     """The flat record of one prediction (CSV columns; JSON lists for top-k when ``topk`` < 0)."""
     row = {"path": p.path, "class_index": p.index, "class_name": p.name,
@@ -68,17 +75,22 @@ class PredictionWriter:
     Args:
         path: the ``.csv`` or ``.jsonl`` file, or None for CSV on stdout.
         topk: number of top-k classes per row (0: none).
+        fmt: ``csv`` or ``jsonl`` (default: from the suffix of ``path``).
+        append: add rows after those the file has (no header), as a resumed run does.
     """
 
-    def __init__(self, path: Optional[str | os.PathLike], topk: int = 0) -> None:
-        self.format = output_format(path)
+    def __init__(self, path: Optional[str | os.PathLike], topk: int = 0, fmt: Optional[str] = None,
+                 append: bool = False) -> None:
+        self.format = fmt or output_format(path)
         self.topk = topk
-        self._file: IO[str] = sys.stdout if path is None else open(path, "w", newline="", encoding="utf-8")
+        self._file: IO[str] = sys.stdout if path is None else open(path, "a" if append else "w", newline="",
+                                                                    encoding="utf-8")
         self._owned = path is not None
         self._csv = None
         if self.format == "csv":
             self._csv = csv.DictWriter(self._file, fieldnames=columns(topk))
-            self._csv.writeheader()
+            if not append:
+                self._csv.writeheader()
 
     def write_many(self, predictions: Sequence[Prediction]) -> None:
         for p in predictions:
@@ -111,6 +123,7 @@ class PredictionSummary:
         self.images = 0
         self.errors = 0
         self.gflops = 0.0
+        self.kept = 0
         self.start = time.perf_counter()
 
     def add(self, predictions: Sequence[Prediction]) -> None:
@@ -121,6 +134,17 @@ class PredictionSummary:
             self.images += 1
             self.exit_counts[p.exit - 1] += 1
             self.gflops += p.gflops
+
+    def add_kept(self, exit: Optional[int], gflops: Optional[float], error: bool) -> None:
+        """Count a row an interrupted run wrote (exit from 1; unreadable when ``error``); it
+        counts as an image, not as work of this run."""
+        self.kept += 1
+        if error:
+            self.errors += 1
+            return
+        self.images += 1
+        self.exit_counts[exit - 1] += 1
+        self.gflops += gflops
 
     @property
     def mean_gflops(self) -> float:
@@ -140,6 +164,7 @@ class PredictionSummary:
             against.append(f"expected {expected:.6g}")
         against_text = f" ({'; '.join(against)})" if against else ""
         shares = "[" + ", ".join(f"{s:.3f}" for s in self.exit_shares) + "]"
+        kept = f" ({self.kept} of them kept from the interrupted run)" if self.kept else ""
         return (f"summary : {self.images} images ({self.errors} unreadable), mean {self.mean_gflops:.6g} "
                 f"GFLOPs/image{against_text}, exit shares {shares}, "
-                f"{(self.images + self.errors) / max(seconds, 1e-9):.1f} img/s")
+                f"{(self.images + self.errors - self.kept) / max(seconds, 1e-9):.1f} img/s{kept}")

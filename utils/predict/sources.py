@@ -2,7 +2,9 @@
 
 Sources are image files, folders (walked recursively, in sorted order, skipping hidden
 files and folders, each real folder once) and text files listing one path per
-line (``.txt``/``.lst``; relative paths are taken from the current directory). The paths are
+line (``.txt``/``.lst``; relative paths are taken from the current directory), and uncompressed
+tar archives (``.tar``: their images in archive order, named ``ARCHIVE:MEMBER``, see
+:mod:`utils.data.tar_members`). The paths are
 produced lazily, so a source of any size costs no memory; each batch is read by one loader
 worker, and batches come back in input order. An image that cannot be read gives an error
 entry in its batch instead of ending the run.
@@ -17,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.images import load_rgb
+from ..data.tar_members import is_tar_name, iter_tar_members, open_rgb
 from ..errors import ConfigError, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -69,6 +71,8 @@ def iter_image_paths(sources: Sequence[str | os.PathLike]) -> Iterator[str]:
             yield from walk_images(source)
         elif source.lower().endswith(LIST_SUFFIXES):
             yield from read_list(source)
+        elif is_tar_name(source):
+            yield from iter_tar_members(source, is_image_name)
         else:
             yield source
 
@@ -110,7 +114,7 @@ def load_batch(paths: list[str], transform: Callable[[Image.Image], torch.Tensor
     tensors, errors = [], []
     for path in paths:
         try:
-            tensors.append(transform(load_rgb(path)))
+            tensors.append(transform(open_rgb(path)))
             errors.append(None)
         except Exception as e:  # any failure of one image (format, truncation, size) stays its own
             errors.append(one_line(e))

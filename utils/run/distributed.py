@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,6 +74,48 @@ def setup_distributed(device: Optional[str] = None, backend: Optional[str] = Non
         # one store key prefix per torchrun restart round (see utils.run.distributed)
         init_process_group(env.backend, rank, world_size, timedelta(minutes=timeout_minutes))
     return env
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher's environment gives it (0 outside a launcher), readable
+    before the process group is joined: who prints and writes."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def join_launcher(device: Optional[str] = None) -> DistEnv:
+    """The launcher's process group (:func:`setup_distributed`) when it started several
+    processes; else this process alone on ``device`` (:func:`resolve_device`), exactly as
+    without a launcher."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return setup_distributed(device)
+    return DistEnv(device=resolve_device(device))
+
+
+def gather_in_order(index: torch.Tensor, tensors: Sequence[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Every rank's share of per-sample tensors put back in dataset order, on every rank.
+
+    Args:
+        index: ``(n,)`` the dataset positions of this rank's samples.
+        tensors: each ``(..., n)``: this rank's values, one per sample along the last dimension.
+        size: the number of samples over all ranks (every position held by exactly one rank).
+
+    Returns:
+        each tensor as ``(..., size)``; alone, the tensors as they are.
+    """
+    if not _active():
+        return list(tensors)
+    parts = all_gather_objects((index.cpu(), [t.cpu() for t in tensors]))
+    out = []
+    for j, t in enumerate(tensors):
+        dtype = next((values[j].dtype for where, values in parts if len(where)), t.dtype)  # an empty share's is a guess
+        full = torch.empty(*t.shape[:-1], size, dtype=dtype)
+        for where, values in parts:
+            full[..., where] = values[j]
+        out.append(full)
+    return out
 
 
 def cleanup_distributed() -> None:

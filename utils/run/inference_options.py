@@ -103,6 +103,12 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
     pred.add_argument("--label_type", "--label-type", default="description", choices=LABEL_TYPES,
                       help="class label written: description (ImageNet lemmas, or the class name), name (the "
                            "class name; the WordNet id for ImageNet), detailed, none (default: description)")
+    pred.add_argument("--resume", action="store_true",
+                      help="continue the --output an interrupted run left: its whole rows are kept, the rest is "
+                           "classified; the finished file is the one an uninterrupted run writes")
+    pred.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --output (without --resume or --overwrite an existing one is "
+                           "refused)")
     pred.add_argument("--class_names", "--class-names", default=None, metavar="FILE",
                       help="class names, one per line or a JSON list, instead of the checkpoint's "
                            "(default: its class_names; ImageNet's for 1000 classes without names)")
@@ -126,6 +132,9 @@ def check_args(args: argparse.Namespace) -> None:
                             ("--early_exit", args.early_exit), ("--save_checkpoint", args.save_checkpoint)):
             if given:
                 raise ConfigError(f"{flag} needs --eval_mode 1 or 2 (mode 0 runs no model)")
+    for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)):
+        if given:
+            raise ConfigError(f"{flag} is for --predict")
     if args.early_exit and not (args.budget or args.budget_index):
         raise ConfigError("--early_exit needs thresholds: give --budget GFLOPS or --budget_index P")
     if args.budget_index and not args.early_exit:
