@@ -69,7 +69,14 @@ from utils.predict.output import PredictionSummary, output_format
 from utils.predict.resume import refuse_existing
 from utils.predict.sources import check_sources
 from utils.run.distributed import DistEnv, cleanup_distributed, join_launcher, launcher_rank, on_rank_zero
-from utils.run.inference_options import DEFAULT_MODEL, build_parser, check_args, check_model_name
+from utils.run.inference_options import (
+    DEFAULT_MODEL,
+    build_parser,
+    check_args,
+    check_model_name,
+    check_runtime_args,
+    require_checkpoint,
+)
 from utils.run.preflight import check_output_folder, check_writable_file
 from utils.run.signals import CTRL_C
 
@@ -84,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        require_checkpoint(parser, args)
         check_model_name(args.model)
     except SystemExit as e:
         return int(e.code or 0)
@@ -315,17 +323,12 @@ def predict_images(args: argparse.Namespace) -> None:
     sources = check_sources(args.predict)
     env = join_launcher(args.device)
     on_rank_zero(lambda: refuse_existing(args.output, args.resume, args.overwrite))
-    device = env.device
-    clf = DVTClassifier.from_checkpoint(
-        args.checkpoint_path, model=args.model, budget=args.budget[0] if args.budget else None,
-        budget_index=args.budget_index[0] if args.budget_index else None, thresholds=args.thresholds,
-        device=device, amp=resolve_amp(args.amp, device), class_names=args.class_names,
-        label_type=args.label_type, img_size=args.img_size)
+    clf, runs_on = predict_classifier(args, env.device)
     net = clf.model
     names = ("from " + args.class_names if args.class_names else "the checkpoint's" if
              net.pretrained_cfg.get("label_names") else "ImageNet's (timm)" if clf.to_label else "none")
     note(f"{net.model_name}: {net.num_exits} exits at {fmt_list(clf.flops)} GFLOPs, {net.img_size} px, {net.num_classes} "
-         f"classes (names: {names}); on {processes(env)}" + (f", autocast {clf.amp_dtype}" if clf.amp_dtype else ""))
+         f"classes (names: {names}); on {processes(env)}{runs_on}")
     note(clf.choice.describe())
     summary = PredictionSummary(clf.num_exits)
     options = PredictOptions(args.output, min(args.topk, net.num_classes), args.batch_size, args.workers, args.resume,
@@ -334,6 +337,21 @@ def predict_images(args: argparse.Namespace) -> None:
     note(summary.line(clf.choice.budget, clf.choice.expected_gflops))
     if args.output:
         note(f"wrote {args.output}")
+
+
+def predict_classifier(args: argparse.Namespace, device: torch.device) -> tuple[DVTClassifier, str]:
+    """The classifier of --predict, PyTorch's from --checkpoint_path or ONNX Runtime's from
+    --onnx, and how it runs (for the note)."""
+    choice = dict(budget=args.budget[0] if args.budget else None, thresholds=args.thresholds,
+                  budget_index=args.budget_index[0] if args.budget_index else None,
+                  class_names=args.class_names, label_type=args.label_type, img_size=args.img_size)
+    if args.runtime == "onnxruntime":
+        providers = args.ort_providers or ([device.type] if args.device else None)
+        clf = DVTClassifier.from_onnx(args.onnx, providers=providers, **choice)
+        return clf, f", ONNX Runtime ({', '.join(clf.model.providers)}) from {args.onnx}"
+    clf = DVTClassifier.from_checkpoint(args.checkpoint_path, model=args.model, device=device,
+                                        amp=resolve_amp(args.amp, device), **choice)
+    return clf, f", autocast {clf.amp_dtype}" if clf.amp_dtype else ""
 
 
 # ------------------------------------------------------------------------ arguments
@@ -359,6 +377,7 @@ def check_predict_args(args: argparse.Namespace) -> None:
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     check_model_name(args.model)
+    check_runtime_args(args)
     output_format(args.output)
 
 

@@ -156,6 +156,41 @@ def test_classifier_from_onnx_gives_the_checkpoint_rows(exported, tmp_path):
         assert g.confidence == pytest.approx(w.confidence, abs=1e-4)
 
 
+def test_inference_predict_runs_in_onnx_runtime(exported, tmp_path, capsys):
+    """inference.py --predict --runtime onnxruntime --onnx DIR writes the rows of the PyTorch run
+    (confidences to 1e-4); the ONNX options refused where they do not apply, in one line."""
+    import csv
+
+    from helpers import error_line, run_inference
+
+    folder, _, _ = exported
+    ckpt = folder.parent / "tiny.pth"
+    paths = write_images(tmp_path / "images", 12)
+    rows = {}
+    for name, source in (("torch", ["--checkpoint_path", ckpt]),
+                         ("onnxruntime", ["--runtime", "onnxruntime", "--onnx", folder])):
+        code, _, err = run_inference(capsys, "--predict", tmp_path / "images", "--budget_index", "2", "--output",
+                                     tmp_path / f"{name}.csv", *source)
+        assert code == 0, err
+        with open(tmp_path / f"{name}.csv", newline="") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert "ONNX Runtime (CPUExecutionProvider)" in err
+    assert len(rows["torch"]) == len(paths)
+    for g, w in zip(rows["onnxruntime"], rows["torch"]):
+        assert (g["path"], g["class_index"], g["exit"]) == (w["path"], w["class_index"], w["exit"])
+        assert float(g["confidence"]) == pytest.approx(float(w["confidence"]), abs=1e-4)
+    for argv, message in (
+            (["--predict", paths[0], "--runtime", "onnxruntime"], "--runtime onnxruntime needs --onnx DIR"),
+            (["--predict", paths[0], "--runtime", "onnxruntime", "--onnx", folder, "--checkpoint_path", ckpt],
+             "--checkpoint_path does not go with --runtime onnxruntime"),
+            (["--predict", paths[0], "--onnx", folder, "--checkpoint_path", ckpt], "--onnx DIR is read with"),
+            (["--onnx", folder, "--checkpoint_path", ckpt, "--eval_mode", "0"], "are for --predict")):
+        code, out, err = run_inference(capsys, *argv)
+        assert code == 1 and message in error_line(err), err
+    code, _, err = run_inference(capsys, "--predict", paths[0])
+    assert code == 2 and "the following arguments are required: --checkpoint_path" in err
+
+
 def test_t2t_stages_export_and_early_exit_matches(tmp_path):
     """A T2T cascade (soft splits, Performer) at 64 px: the same exits, classes and confidences
     on 200 images."""

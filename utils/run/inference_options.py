@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--model", default=None, type=str,
                       help=f"model name (default: the checkpoint's own, else {DEFAULT_MODEL}); "
                            f"one of {', '.join(MODEL_CFGS)}, or a timm model trained as a single-exit baseline")
-    orig.add_argument("--checkpoint_path", required=True, type=str, help="checkpoint file")
+    orig.add_argument("--checkpoint_path", default=None, type=str,
+                      help="checkpoint file or model folder (required, except by --predict with --runtime "
+                           "onnxruntime)")
     orig.add_argument("--eval_mode", default=2, type=int, choices=(0, 1, 2),
                       help="0: print the checkpoint's stored results; 1: evaluate val with the stored "
                            "thresholds; 2: find thresholds on training images, evaluate val (default: 2)")
@@ -109,6 +111,14 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
     pred.add_argument("--overwrite", action="store_true",
                       help="replace an existing --output (without --resume or --overwrite an existing one is "
                            "refused)")
+    pred.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime"),
+                      help="run the stages in PyTorch from --checkpoint_path (default) or in ONNX Runtime from "
+                           "--onnx DIR (pip install -r requirements-deploy.txt)")
+    pred.add_argument("--onnx", default=None, metavar="DIR",
+                      help="folder written by scripts/export_onnx.py, for --runtime onnxruntime")
+    pred.add_argument("--ort_providers", "--ort-providers", nargs="+", default=None, metavar="NAME",
+                      help="ONNX Runtime execution providers in order: cpu, cuda, tensorrt or onnxruntime's "
+                           "names (default: --device's, else cuda when available, then cpu)")
     pred.add_argument("--class_names", "--class-names", default=None, metavar="FILE",
                       help="class names, one per line or a JSON list, instead of the checkpoint's "
                            "(default: its class_names; ImageNet's for 1000 classes without names)")
@@ -127,6 +137,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_classes is not None and args.num_classes < 1:
         raise ConfigError(f"--num_classes must be positive, got {args.num_classes}")
     check_model_name(args.model)
+    if args.runtime != "torch" or args.onnx is not None or args.ort_providers is not None:
+        raise ConfigError("--runtime, --onnx and --ort_providers are for --predict")
     if args.eval_mode == 0:
         for flag, given in (("--budget", args.budget), ("--budget_index", args.budget_index),
                             ("--early_exit", args.early_exit), ("--save_checkpoint", args.save_checkpoint)):
@@ -147,3 +159,27 @@ def check_model_name(name: Optional[str]) -> None:
     if name is not None and not is_cascade_name(name):
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CFGS)}, "
                           "or a timm model (single-exit baseline)")
+
+
+def require_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--checkpoint_path, which every run needs but --predict in ONNX Runtime (argparse's
+    message and status 2 when it is missing)."""
+    if args.checkpoint_path is None and not (args.predict is not None and args.runtime == "onnxruntime"):
+        parser.error("the following arguments are required: --checkpoint_path")
+
+
+def check_runtime_args(args: argparse.Namespace) -> None:
+    """--runtime onnxruntime takes its model from --onnx alone; the ONNX options go with it only."""
+    if args.runtime == "onnxruntime":
+        if args.onnx is None:
+            raise ConfigError("--runtime onnxruntime needs --onnx DIR (a folder written by scripts/export_onnx.py)")
+        for flag, given in (("--checkpoint_path", args.checkpoint_path), ("--model", args.model),
+                            ("--amp", args.amp), ("--compile", args.compile)):
+            if given:
+                raise ConfigError(f"{flag} does not go with --runtime onnxruntime: the --onnx folder fixes the model "
+                                  "(float32; choose the hardware with --device or --ort_providers)")
+    elif args.onnx is not None:
+        raise ConfigError("--onnx DIR is read with --runtime onnxruntime")
+    elif args.ort_providers is not None:
+        raise ConfigError("--ort_providers goes with --runtime onnxruntime")
+
