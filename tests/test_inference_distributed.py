@@ -19,6 +19,11 @@ from test_tar_shards import tar_copy
 
 from helpers import REPO, SUBPROCESS_ENV, error_line, printed_results, run_inference, snapshot
 from utils.checkpoint.files import load_checkpoint_file
+from utils.data.loader import BatchShardSampler
+from utils.predict import job
+from utils.predict.resume import KeptRows
+from utils.predict.sources import _chunks, iter_image_paths
+from utils.run.distributed import DistEnv
 
 TIMEOUT_S = 180
 # After this many batches are written, the process writes part of a row and kills itself.
@@ -106,26 +111,28 @@ def test_predict_on_two_processes_equals_one(images, checkpoint, reference, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]  # no part file left
 
 
-def test_killed_run_resumes_to_the_same_bytes(images, checkpoint, reference, tmp_path):
-    """Killed (SIGKILL, part of a row written) on two processes, resumed alone, and the other way."""
-    out = tmp_path / "preds.csv"
-    dying = tmp_path / "dying.py"
-    dying.write_text(DYING.format(repo=str(REPO), after=2))
-    killed = launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out,
-                    procs=2, script=dying)
-    assert killed.returncode != 0
-    partial = tmp_path / "preds.csv.partial"
-    assert not out.exists() and partial.read_bytes().endswith(b"half of a ro")
-    again = launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out)
-    assert again.returncode == 1 and "--resume" in error_line(again.stderr)
+def killed(tmp_path: Path, checkpoint: Path, images: Path, after: int, procs: int) -> Path:
+    """The predictions file of a run that wrote ``after`` batches and part of a row, then was
+    killed with SIGKILL; it is left as ``preds.csv.partial``."""
+    out, dying = tmp_path / "preds.csv", tmp_path / "dying.py"
+    dying.write_text(DYING.format(repo=str(REPO), after=after))
+    proc = launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out, procs=procs,
+                  script=dying)
+    assert proc.returncode == (-signal.SIGKILL if procs == 1 else 1), proc.stderr[-3000:]
+    assert not out.exists() and (tmp_path / "preds.csv.partial").read_bytes().endswith(b"half of a ro")
+    return out
+
+
+def test_run_killed_on_two_processes_resumes_alone_to_the_same_bytes(images, checkpoint, reference, tmp_path):
+    out = killed(tmp_path, checkpoint, images, 2, procs=2)
     resumed = ok(launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out, "--resume"))
-    assert out.read_bytes() == reference and not partial.exists()
+    assert out.read_bytes() == reference and not (tmp_path / "preds.csv.partial").exists()
     assert "summary : 30 images (1 unreadable)" in resumed.stderr and "(8 of them kept" in resumed.stderr
 
-    out.unlink()
-    dying.write_text(DYING.format(repo=str(REPO), after=3))
-    assert launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out,
-                  script=dying).returncode == -signal.SIGKILL
+
+@pytest.mark.slow
+def test_run_killed_alone_resumes_on_two_processes_to_the_same_bytes(images, checkpoint, reference, tmp_path):
+    out = killed(tmp_path, checkpoint, images, 3, procs=1)
     ok(launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out, "--resume", procs=2))
     assert out.read_bytes() == reference
 
@@ -192,3 +199,17 @@ def test_tar_archives_read_like_folders(small_data, images, checkpoint, tmp_path
         assert code == 0, err
         results.append(printed_results(out))
     assert results[0] == results[1]
+
+
+def test_batches_are_dealt_as_one_process_cuts_them(images, tmp_path, monkeypatch):
+    """The first process's listing, sent in several messages: each process gets every
+    ``world_size``-th batch from the first one still to do, each batch as one process makes it."""
+    monkeypatch.setattr(job, "GROUP", 2)
+    batches = list(_chunks(iter_image_paths([str(images)]), 4))
+    listing = tmp_path / "rank0.pkl"
+    # alone, the messages go nowhere: this is the first process's side of two, from batch 1 on
+    assert job.deal_batches([str(images)], 4, DistEnv(rank=0, world_size=2), 1, KeptRows(), str(listing)) == 8
+    assert list(job.DealtBatches(None, listing=str(listing))._paths()) == batches[1::2] and len(batches) == 8
+    assert [len(index) for index in (BatchShardSampler(30, 4, 2, r).index() for r in (0, 1))] == [16, 14]
+    assert torch.cat([BatchShardSampler(30, 4, 2, r).index().view(-1) for r in (0, 1)]).sort().values.tolist() == \
+        list(range(30))
