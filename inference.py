@@ -129,8 +129,7 @@ def rank_prefix() -> str:
 
 def evaluate(args: argparse.Namespace) -> None:
     """The body of the command; raises the errors :func:`main` turns into messages."""
-    if launcher_rank():
-        args.no_progress = True  # one process shows progress, as it alone prints
+    args.no_progress = args.no_progress or launcher_rank() > 0  # one process shows progress, as it alone prints
     if args.predict is not None:
         predict_images(args)
         return
@@ -225,8 +224,7 @@ def prepare(args: argparse.Namespace, env: DistEnv, checkpoint: dict) -> Setup:
     path = args.checkpoint_path
     if args.eval_mode == 1:
         require_entries(checkpoint, ("dynamic_threshold",), path, "by --eval_mode 1 (or use --eval_mode 2)")
-    device = env.device
-    amp_dtype = resolve_amp(args.amp, device)
+    amp_dtype = resolve_amp(args.amp, env.device)
     overrides = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
     model, _ = build_from_checkpoint(checkpoint, path, name=args.model, default_name=DEFAULT_MODEL, **overrides)
     flops, flops_source = exit_costs(model, checkpoint, path)
@@ -241,11 +239,11 @@ def prepare(args: argparse.Namespace, env: DistEnv, checkpoint: dict) -> Setup:
     for p in args.budget_index:
         if p > len(budgets):
             raise ConfigError(f"--budget_index {p}: there are only {len(budgets)} budgets")
-    model.to(device)
+    model.to(env.device)
     val_set = on_rank_zero(lambda: read_split(args.data_url, "val", eval_transform(model.img_size)))
     check_classes(args, checkpoint, model, val_set, args.eval_mode == 2 or bool(args.budget))
     runner = CompiledCascade(model) if args.compile else model
-    return Setup(model, runner, env, device, amp_dtype, flops, flops_source, thresholds, budgets, val_set)
+    return Setup(model, runner, env, env.device, amp_dtype, flops, flops_source, thresholds, budgets, val_set)
 
 
 def calibrate(args: argparse.Namespace, setup: Setup) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -133,12 +133,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for procs, threads in sorted({(1, args.threads), (1, 1), (2, args.threads)}):
             rate, wall = predict_rate(procs, threads, args, checkpoint, data, Path(tmp) / "preds.csv")
             per = max(1, threads // procs)
-            rows.append((f"--predict, {procs} process{'es' if procs > 1 else ''} x {per} thread{'s' if per > 1 else ''}",
-                         rate, wall))
+            name = f"--predict, {procs} process{'es' if procs > 1 else ''} x {per} thread{'s' if per > 1 else ''}"
+            rows.append((name, rate, wall))
         after = load_average()
     exits = "thresholds " + " ".join(map(str, args.thresholds)) if args.thresholds else "every exit"
     print(f"{args.images} JPEGs of {args.size[0]}x{args.size[1]}, {args.model} (random weights, {exits}), "
-          f"batch {args.batch_size}, {args.workers} loader worker(s) per process, {args.threads} torch threads in all\n")
+          f"batch {args.batch_size}, {args.workers} loader worker(s) per process, "
+          f"{args.threads} torch threads in all\n")
     print("| run | images/s | wall s |\n|---|---:|---:|")
     for name, rate, wall in rows:
         print(f"| {name} | {rate:.1f} | {'' if wall is None else f'{wall:.1f}'} |")

@@ -162,7 +162,8 @@ def test_existing_output_is_refused_as_it_was(images, checkpoint, tmp_path, caps
         before = snapshot(tmp_path)
         code, stdout, err = run_inference(capsys, *args)
         assert code == 1 and stdout == "" and snapshot(tmp_path) == before
-        assert error_line(err) == f"error: {existing} exists ({what}): --resume to continue it, --overwrite to start over"
+        assert error_line(err) == (f"error: {existing} exists ({what}): --resume to continue it, "
+                                   "--overwrite to start over")
         existing.unlink()
     out.write_text("mine\n")
     assert run_inference(capsys, *args, "--overwrite")[0] == 0
