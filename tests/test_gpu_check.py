@@ -47,6 +47,7 @@ def test_benchmark_dry_run_writes_every_section(tmp_path):
     assert "original implementation: not run (no checkout of the original implementation" in text
 
 
+@pytest.mark.slow  # the dry run above already goes through every section
 def test_spent_budget_skips_rows(tmp_path):
     out = tmp_path / "bench.md"
     proc = bench_dry_run(out, budget_s=0)

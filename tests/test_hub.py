@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 import models
 from golden import VARIANTS, golden_state_dict, load_manifest
-from helpers import REPO, SUBPROCESS_ENV, run_inference
+from helpers import REPO, run_inference
 from models.dvt import to_original_state_dict
 from utils.checkpoint.files import atomic_save, load_checkpoint_file
 from utils.checkpoint.model_folder import CONFIG_FILE, WEIGHTS_FILE
@@ -101,6 +100,7 @@ def test_reuse_switches_and_class_names_travel(tmp_path, capsys):
                 tmp_path / "last.pth.tar")
     assert convert(tmp_path / "last.pth.tar", tmp_path / "hub") == 0
     assert "4 classes with names, model weights" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     config = json.loads((tmp_path / "hub" / CONFIG_FILE).read_text())
     assert config["model_args"] == {"num_classes": 4, "img_size": 64, "feature_reuse": False}
     assert config["label_names"] == names and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
@@ -195,18 +195,6 @@ def test_the_script_refuses_before_writing(tiny_folder, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
     assert convert(tmp_path / "tiny.pth.tar", tiny_folder, "--overwrite") == 0
     assert sorted(p.name for p in tiny_folder.parent.iterdir() if p.name.startswith(".")) == []
-
-
-def test_the_script_runs_as_a_command(tmp_path):
-    torch.manual_seed(0)
-    model = models.build_dvt("DVT_tiny", num_classes=2, img_size=64)
-    atomic_save({"model_state_dict": model.state_dict(), "model_name": "DVT_tiny",
-                 "model_kwargs": dict(model.model_kwargs)}, tmp_path / "m.pth.tar")
-    done = subprocess.run([sys.executable, "scripts/save_pretrained.py", "--checkpoint_path", str(tmp_path / "m.pth.tar"),
-                           "--out", str(tmp_path / "hub")], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
 
 
 def test_the_release_step_writes_the_folder_beside_the_file(trained_run):
