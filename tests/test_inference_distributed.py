@@ -123,6 +123,7 @@ def killed(tmp_path: Path, checkpoint: Path, images: Path, after: int, procs: in
     return out
 
 
+@pytest.mark.slow  # a kill -9 and a resume are launched for real; the cut-file resumes below are fast
 def test_run_killed_on_two_processes_resumes_alone_to_the_same_bytes(images, checkpoint, reference, tmp_path):
     out = killed(tmp_path, checkpoint, images, 2, procs=2)
     resumed = ok(launch("--checkpoint_path", checkpoint, "--predict", images, *PREDICT, "--output", out, "--resume"))
