@@ -27,6 +27,7 @@ rest takes about a minute and a half on 2 cores.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -203,8 +204,23 @@ def run_block(code: str, language: str, timeout: float) -> tuple[int | None, str
         return None, out
 
 
+# Blocks that use the optional extras of requirements-deploy.txt, and the packages they need: they
+# run where those are installed (.ci/run installs them) and are skipped, with the reason, elsewhere.
+EXTRAS = ((re.compile(r"--tensorboard\b"), ("tensorboard",)),
+          (re.compile(r"export_onnx|onnxruntime|from_onnx"), ("onnx", "onnxscript", "onnxruntime")))
+
+
+def missing_extras(code: str) -> list[str]:
+    """The optional packages a block needs that this environment lacks."""
+    return [name for pattern, names in EXTRAS if pattern.search(code)
+            for name in names if importlib.util.find_spec(name) is None]
+
+
 @pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
 def test_block_runs(block: Block, stand_ins, tmp_path):
+    missing = missing_extras(block.code)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (pip install -r requirements-deploy.txt)")
     code = as_run(block, {**stand_ins, "out": str(tmp_path)})
     timeout = SLOW_TIMEOUT_S if block.slow else TIMEOUT_S
     status, out = run_block(code, block.language, timeout)
