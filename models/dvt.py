@@ -135,16 +135,19 @@ class DVTStage(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _relation_biases(self, relations: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _relation_biases(self, relations: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Previous stage's per-block logits -> one additive bias per block of this stage.
 
         ``relation_reuse_conv`` (1x1 convolutions, as matrix products) runs on the previous
-        grid, then the maps are resampled to this grid. In CPU inference the samples are
-        processed ``relation_chunk`` at a time (default 1): their maps stay in cache, the
-        (B, 3 * depth * heads, n, n) hidden tensor is never built, and each chunk's biases are
-        written straight into the output. In training, on accelerators and under
-        ``torch.compile`` (one graph for every batch size) the whole batch goes at once;
-        ``relation_chunk`` overrides the eager choice.
+        grid, then the maps are resampled to this grid. In training and under
+        ``torch.compile`` / ``torch.export`` every bias is built at once, for the whole batch
+        (``relation_chunk`` samples at a time when set). In eager inference the convolutions
+        run ``relation_chunk`` samples at a time (default: one on the CPU, where a sample's
+        maps stay in cache and the (B, 3 * depth * heads, n, n) hidden tensor is never built;
+        the whole batch on accelerators), and each block's bias is resampled only when that
+        block runs (:class:`BlockBiases`): the (B, depth * heads, N + 1, N + 1) tensor of all
+        biases is never built either, and the block may take its bias as the buffer of its
+        attention logits.
         """
         B, heads, n, _ = relations[0].shape
         C = len(relations) * heads
@@ -152,34 +155,42 @@ class DVTStage(nn.Module):
             raise ValueError(
                 f"relation reuse needs depth*heads = {self.depth * self.num_heads} maps from the "
                 f"previous stage, got {C}")
-        if self.relation_chunk is not None:
+        r0 = relations[0]
+        training = torch.is_grad_enabled() and (r0.requires_grad or self.relation_reuse_conv[0].weight.requires_grad)
+        if torch.compiler.is_compiling() or training:
             chunk = self.relation_chunk
-        else:  # one sample at a time only for CPU inference: in training, slicing costs copies in backward
-            r0 = relations[0]
-            chunk = 1 if r0.device.type == "cpu" and not (torch.is_grad_enabled() and r0.requires_grad) else B
-        if torch.compiler.is_compiling() or chunk >= B:  # compiled: one graph for every batch size, no loop
-            out = self._relation_step(torch.cat(tuple(relations), dim=1))
-        elif torch.is_grad_enabled() and (relations[0].requires_grad or self.relation_reuse_conv[0].weight.requires_grad):
-            parts = [torch.cat([r[i:i + chunk] for r in relations], dim=1) for i in range(0, B, chunk)]
-            out = torch.cat([self._relation_step(p) for p in parts])  # out= does not record gradients
-        else:
-            N = self.num_tokens
-            out = relations[0].new_empty(B, C, N, N)
-            for start in range(0, B, chunk):
-                part = torch.cat([r[start:start + chunk] for r in relations], dim=1)  # (chunk, C, n, n)
-                self._relation_step(part, out=out[start:start + chunk])
-        return out.chunk(self.depth, dim=1)
+            if torch.compiler.is_compiling() or chunk is None or chunk >= B:  # one graph for every batch size
+                maps = self._relation_conv(torch.cat(tuple(relations), dim=1))
+            else:
+                maps = torch.cat([self._relation_conv(torch.cat([r[i:i + chunk] for r in relations], dim=1))
+                                  for i in range(0, B, chunk)])
+            return self.resample(maps, relations=True).chunk(self.depth, dim=1)
+        chunk = self.relation_chunk or (1 if r0.device.type == "cpu" else B)
+        maps = r0.new_empty(B, C, n, n)
+        hidden = r0.new_empty(min(chunk, B), 3 * C, n * n)  # one buffer for every chunk: no fresh memory per chunk
+        for start in range(0, B, chunk):
+            part = torch.cat([r[start:start + chunk] for r in relations], dim=1)  # (chunk, C, n, n)
+            self._relation_conv(part, out=maps[start:start + chunk], hidden=hidden)
+        return BlockBiases(self.resample, maps, self.depth)
 
-    def _relation_step(self, r: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Relation maps (b, C, n, n) of the previous grid -> biases (b, C, N + 1, N + 1),
-        written into ``out`` when given."""
+    def _relation_conv(self, r: torch.Tensor, out: Optional[torch.Tensor] = None,
+                       hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``relation_reuse_conv`` on relation maps (b, C, n, n) of the previous grid, as
+        matrix products over the maps' positions. Inference passes ``out`` (the result) and
+        ``hidden`` (at least b x 3C x n*n, the GELU runs in place there); without them the
+        result is a fresh tensor (training, compilation)."""
         b, C, n, _ = r.shape
         conv1, conv2 = self.relation_reuse_conv[0], self.relation_reuse_conv[2]
         w1, w2 = conv1.weight.flatten(1), conv2.weight.flatten(1)  # (3C, C), (C, 3C)
         x = r.flatten(2)  # (b, C, n * n)
-        h = self.relation_reuse_conv[1](torch.baddbmm(conv1.bias[:, None], w1.expand(b, -1, -1), x))
-        h = torch.baddbmm(conv2.bias[:, None], w2.expand(b, -1, -1), h)  # (b, C, n * n)
-        return self.resample(h.view(b, C, n, n), relations=True, out=out)
+        if out is None:
+            h = self.relation_reuse_conv[1](torch.baddbmm(conv1.bias[:, None], w1.expand(b, -1, -1), x))
+            return torch.baddbmm(conv2.bias[:, None], w2.expand(b, -1, -1), h).view(b, C, n, n)
+        # out= takes no autocast: the weights in the maps' dtype
+        h = torch.baddbmm(conv1.bias[:, None].to(x.dtype), w1.to(x.dtype).expand(b, -1, -1), x, out=hidden[:b])
+        torch.ops.aten.gelu_(h)  # relation_reuse_conv[1], exact GELU
+        torch.baddbmm(conv2.bias[:, None].to(h.dtype), w2.to(h.dtype).expand(b, -1, -1), h, out=out.view(b, C, n * n))
+        return out
 
     def _reused_features(self, block: Block, tokens: torch.Tensor) -> torch.Tensor:
         """Previous stage's tokens (B, n + 1, C) -> this block's extra MLP input (B, N + 1, reuse_dim)."""
@@ -195,10 +206,10 @@ class DVTStage(nn.Module):
         return fn(*args)
 
     def _block(self, block: Block, x: torch.Tensor, prev: Optional[StageOutput], bias: Optional[torch.Tensor],
-               export_relations: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+               export_relations: bool, consume_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One block, with the features it reuses from the previous stage."""
         reused = self._reused_features(block, prev.tokens) if self.feature_reuse else None
-        return block(x, reused=reused, bias=bias, return_logits=export_relations)
+        return block(x, reused=reused, bias=bias, return_logits=export_relations, consume_bias=consume_bias)
 
     def forward(
             self,
@@ -215,12 +226,36 @@ class DVTStage(nn.Module):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, tokens), dim=1) + self.pos_embed)  # (B, N + 1, C)
         biases = self._run(self._relation_biases, prev.relations) if self.relation_reuse else (None,) * self.depth
+        consume = isinstance(biases, BlockBiases)  # each bias built for its block alone: it may hold the logits
         relations = []
         for block, bias in zip(self.blocks, biases):
-            x, logits = self._run(self._block, block, x, prev, bias, export_relations)
+            x, logits = self._run(self._block, block, x, prev, bias, export_relations, consume)
             relations.append(logits)
         out = self.head(self.norm(x)[:, 0])
         return StageOutput(out, x, tuple(relations) if export_relations else None)
+
+
+class BlockBiases(Sequence):
+    """The relation biases of a stage's blocks, each resampled from the previous grid when
+    read: ``biases[i]`` is a fresh (B, heads, N + 1, N + 1) tensor for block ``i``.
+
+    Args:
+        resample: the stage's :class:`GridResample`.
+        maps: (B, depth * heads, n, n) relation maps after ``relation_reuse_conv``.
+        depth: blocks of the stage.
+    """
+
+    def __init__(self, resample: GridResample, maps: torch.Tensor, depth: int) -> None:
+        self.resample, self.maps, self.depth = resample, maps, depth
+        self.heads = maps.shape[1] // depth
+
+    def __len__(self) -> int:
+        return self.depth
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.depth:
+            raise IndexError(i)
+        return self.resample(self.maps[:, i * self.heads:(i + 1) * self.heads], relations=True)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -19,9 +19,11 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   its multiply-adds and GFLOP/s;
 * ``--early-exit``: real early exit at the exit shares of budget row ``--budget-index``
   (default 10: the shares at which the paper's T2T-ViT-14 cascade matches its static model)
-  against the static baseline, same dtype and batch; with seeded random weights the
-  thresholds are fitted on the timed batch itself, so the shares are those of the budget;
-* ``--latency N``: batch-1 latency of real early exit and of every exit over N images
+  against the static model of matched accuracy (``STATIC_MATCH``; ``--static`` overrides), same
+  dtype, for each batch size of ``--ee-batches``: one pool of images (a multiple of 7 and of the
+  batch) run batch by batch, the thresholds fitted on the pool itself (seeded random weights), so
+  the realised shares are the budget's; batch 1 adds per-image median and p90 latency;
+* ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
   compile time, images/second, largest difference.
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -316,41 +319,99 @@ def _stage_parts(model, x: torch.Tensor, prev: list) -> dict[str, Callable[[], o
         parts[f"stage {k + 1} (all of it)"] = (lambda s, p, e: lambda: s(x, p, export_relations=e))(stage, prev[k], export)
         parts[f"stage {k + 1} embedding"] = (lambda s: lambda: s.embed(x))(stage)
         if stage.relation_reuse:
-            parts[f"stage {k + 1} relation reuse"] = (lambda s, p: lambda: s._relation_biases(p.relations))(stage, prev[k])
+            # every block's bias built (in eager inference they are resampled block by block)
+            parts[f"stage {k + 1} relation reuse"] = (lambda s, p: lambda: list(s._relation_biases(p.relations)))(
+                stage, prev[k])
         if stage.feature_reuse:
             parts[f"stage {k + 1} feature reuse"] = (lambda s, p: lambda: [
                 s._reused_features(b, p.tokens) for b in s.blocks])(stage, prev[k])
     return parts
 
 
-def early_exit_vs_baseline(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
-    """Real early exit at the budget's exit shares against the static baseline."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device)
-    base_gmacs = model_gmacs(build(args.baseline, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
-    print(f"\n### Real early exit (budget row p = {args.budget_index}) against {args.baseline} "
-          f"({base_gmacs:.2f} GMACs), batch {args.batch}\n")
-    print("| model | dtype | exit shares (fitted / realised) | GMACs/img | early exit img/s | all exits img/s | "
-          f"{args.baseline} img/s | early exit / static | FLOPs promise |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+# The static model each cascade is timed against at matched accuracy (``--early-exit``).
+# DeiT-S (79.8%) for the DeiT cascade (exits 72.7 / 79.0 / 81.8%). The T2T cascades are matched
+# with the static T2T-ViT they were built from (T2T-ViT-14: 81.5%, T2T-ViT-12: 76.5%): timm has
+# no T2T-ViT, so it is built from this code, the cascade's last stage alone without reuse (the
+# same kernels, so the ratio is that of the cascade alone).
+STATIC_MATCH = {"DVT_Deit_small": "deit_small_patch16_224", "DVT_T2t_vit_14": "T2T-ViT-14",
+                "DVT_T2t_vit_12": "T2T-ViT-12"}
+STATIC_T2T = {"T2T-ViT-14": "DVT_T2t_vit_14", "T2T-ViT-12": "DVT_T2t_vit_12"}
+
+
+def static_for(name: str, args: argparse.Namespace) -> str:
+    """The static model ``name`` is timed against: ``--static NAME=MODEL``, the table above, else ``--baseline``."""
+    overrides = dict(item.split("=", 1) for item in args.static)
+    return overrides.get(name, STATIC_MATCH.get(name, args.baseline))
+
+
+def build_static(name: str, img_size: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A seeded static model: a timm model, or a static T2T-ViT (one 14x14 T2T stage, no reuse)."""
+    if name not in STATIC_T2T:
+        return build(name, img_size, device, dtype)
+    torch.manual_seed(0)
+    model = timm.create_model(STATIC_T2T[name], img_size=img_size, t2t_geometries=((7, 4, 2),),
+                              feature_reuse=False, relation_reuse=False)
+    return model.eval().to(device=device, dtype=dtype)
+
+
+def pool_size(batch: int) -> int:
+    """Images timed per batch size: a multiple of 7 (budget row 10's shares are 4/7, 2/7, 1/7)
+    and of the batch, at least 112."""
+    return 7 * batch * math.ceil(16 / batch)
+
+
+def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
+    """Real early exit at the budget's exit shares against the static model of matched accuracy,
+    batch by batch over one pool of images; batch 1 also gives per-image latency."""
+    shares = budget_exit_shares(args.budget_index, 3).tolist()
+    print(f"\n### Real early exit (budget row p = {args.budget_index}, exit shares "
+          f"{' / '.join(f'{q:.2f}' for q in shares)}) against the static model, best of {args.repeats} rounds\n")
+    print("| model | static model | dtype | batch | images | exit shares realised | GMACs/img (static) | "
+          "early exit img/s | static img/s | early exit / static | FLOPs promise | share of the promise | "
+          "batch-1 median ms (early / static) | batch-1 p90 ms (early / static) |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
+        static = static_for(name, args)
+        flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
+        base_gmacs = model_gmacs(build_static(static, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
         for d in dtypes:
             model = build(name, args.img_size, device, DTYPES[d])
-            base = build(args.baseline, args.img_size, device, DTYPES[d])
-            flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
-            shares = budget_exit_shares(args.budget_index, model.num_exits)
-            xd = x.to(DTYPES[d])
-            thresholds = fitted_thresholds(model, xd, args.budget_index)
-            with torch.inference_mode():
-                exits = model.forward_early_exit(xd, thresholds).exit_index.cpu()
-            real = (torch.bincount(exits, minlength=model.num_exits).float() / exits.numel()).tolist()
-            gm = sum(s * f for s, f in zip(real, flops))
-            t = race({"early": lambda: model.forward_early_exit(xd, thresholds), "all": lambda: model(xd),
-                      "base": lambda: base(xd)}, args.repeats, device)
-            ips = {k: args.batch / v for k, v in t.items()}
-            print(f"| {name} | {d} | {' / '.join(f'{s:.2f}' for s in shares.tolist())} ; "
-                  f"{' / '.join(f'{s:.2f}' for s in real)} | {gm:.2f} | {ips['early']:.1f} | {ips['all']:.1f} | "
-                  f"{ips['base']:.1f} | {ips['early'] / ips['base']:.2f}x | {base_gmacs / gm:.2f}x |")
+            base = build_static(static, args.img_size, device, DTYPES[d])
+            for batch in args.ee_batches:
+                row = _early_exit_row(model, base, batch, DTYPES[d], flops, args, device)
+                gm, ratio, promise = row["gmacs"], row["early"] / row["static"], base_gmacs / row["gmacs"]
+                lat = (f"{row['lat_early'][0]:.1f} / {row['lat_static'][0]:.1f} | "
+                       f"{row['lat_early'][1]:.1f} / {row['lat_static'][1]:.1f}") if batch == 1 else "- | -"
+                print(f"| {name} | {static} | {d} | {batch} | {row['images']} | "
+                      f"{' / '.join(f'{q:.3f}' for q in row['shares'])} | {gm:.2f} ({base_gmacs:.2f}) | "
+                      f"{row['early']:.1f} | {row['static']:.1f} | {ratio:.2f}x | {promise:.2f}x | "
+                      f"{ratio / promise:.0%} | {lat} |")
+
+
+def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[float], args: argparse.Namespace,
+                    device: torch.device) -> dict:
+    """Time one pool of images in batches of ``batch``: real early exit against the static model,
+    interleaved round by round; per-image latency (best round of each image) at batch 1."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(pool_size(batch), 3, args.img_size, args.img_size, generator=gen).to(device, dtype)
+    thresholds = fitted_thresholds(model, images, args.budget_index)
+    batches = images.split(batch)
+    with torch.inference_mode():
+        exits = torch.cat([model.forward_early_exit(xb, thresholds).exit_index.cpu() for xb in batches])
+    shares = (torch.bincount(exits, minlength=model.num_exits).double() / exits.numel()).tolist()
+    fns = {"early": lambda xb: model.forward_early_exit(xb, thresholds), "static": lambda xb: base(xb)}
+    per_image = {k: [float("inf")] * len(batches) for k in fns}
+    best = {k: float("inf") for k in fns}
+    for r in range(args.repeats + 1):  # round 0 is the warm-up
+        for k, fn in fns.items():
+            times = [_time_once(lambda: fn(xb), device) for xb in batches]
+            if r:
+                best[k] = min(best[k], sum(times))
+                per_image[k] = [min(a, t) for a, t in zip(per_image[k], times)]
+    q = lambda v: (statistics.median(v) * 1e3, statistics.quantiles(v, n=10)[-1] * 1e3)  # noqa: E731
+    return dict(images=images.shape[0], shares=shares, gmacs=sum(s * f for s, f in zip(shares, flops)),
+                early=images.shape[0] / best["early"], static=images.shape[0] / best["static"],
+                lat_early=q(per_image["early"]), lat_static=q(per_image["static"]))
 
 
 def fitted_thresholds(model: torch.nn.Module, images: torch.Tensor, budget_index: int) -> torch.Tensor:
@@ -358,33 +419,38 @@ def fitted_thresholds(model: torch.nn.Module, images: torch.Tensor, budget_index
     the weights are seeded random, so thresholds fitted elsewhere would not carry over."""
     shares = budget_exit_shares(budget_index, model.num_exits)
     with torch.inference_mode():
-        conf = torch.stack(model(images)).float().softmax(-1).amax(-1).cpu()
+        conf = torch.cat([torch.stack(model(xb)).float().softmax(-1).amax(-1).cpu() for xb in images.split(32)], dim=1)
     return find_thresholds(conf, shares[None])[0].to(images.device)
 
 
 def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
-    """Per-image latency, batch 1: real early exit against every exit."""
+    """Per-image latency, batch 1: real early exit against every exit and against the static model."""
     gen = torch.Generator().manual_seed(2)
     print(f"\n### Batch-1 latency over {args.latency} images (budget row p = {args.budget_index}), ms\n")
-    print("| model | dtype | early exit median | early exit p90 | all exits median | all exits p90 | exit shares |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| model | dtype | early exit median | early exit p90 | all exits median | all exits p90 | "
+          "static model | static median | static p90 | exit shares |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---|")
     for name in args.models:
+        static = static_for(name, args)
         for d in dtypes:
             model = build(name, args.img_size, device, DTYPES[d])
-            images = torch.randn(args.latency, 3, args.img_size, args.img_size, generator=gen).to(device)
+            base = build_static(static, args.img_size, device, DTYPES[d])
+            images = torch.randn(args.latency, 3, args.img_size, args.img_size, generator=gen).to(device, DTYPES[d])
             thresholds = fitted_thresholds(model, images, args.budget_index)
             with torch.inference_mode():
                 model.forward_early_exit(images[:1], thresholds)
-                early, full, exits = [], [], []
+                base(images[:1])
+                early, full, flat, exits = [], [], [], []
                 for i in range(args.latency):
                     xi = images[i:i + 1]
                     early.append(_time_once(lambda: exits.append(model.forward_early_exit(xi, thresholds)), device))
                     full.append(_time_once(lambda: model(xi), device))
+                    flat.append(_time_once(lambda: base(xi), device))
             counts = torch.bincount(torch.cat([e.exit_index.cpu() for e in exits]), minlength=model.num_exits)
             q = lambda v: statistics.quantiles(v, n=10)[-1] * 1e3  # noqa: E731  (90th percentile)
-            print(f"| {name} | {d} | {statistics.median(early) * 1e3:.1f} | {q(early):.1f} | "
-                  f"{statistics.median(full) * 1e3:.1f} | {q(full):.1f} | "
-                  f"{' / '.join(f'{c / args.latency:.2f}' for c in counts.tolist())} |")
+            med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+            print(f"| {name} | {d} | {med(early):.1f} | {q(early):.1f} | {med(full):.1f} | {q(full):.1f} | {static} | "
+                  f"{med(flat):.1f} | {q(flat):.1f} | {' / '.join(f'{c / args.latency:.2f}' for c in counts.tolist())} |")
 
 
 def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
@@ -437,7 +503,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stages", action="store_true", help="per-stage and reuse-path breakdown")
-    parser.add_argument("--early-exit", action="store_true", help="real early exit against the baseline")
+    parser.add_argument("--early-exit", action="store_true",
+                        help="real early exit against the static model of matched accuracy")
+    parser.add_argument("--ee-batches", type=int, nargs="+", default=None, metavar="B",
+                        help="batch sizes of --early-exit (default: --batch)")
+    parser.add_argument("--static", nargs="+", default=[], metavar="MODEL=STATIC",
+                        help="static model for a cascade in --early-exit/--latency (default: matched accuracy, "
+                             "else --baseline)")
     parser.add_argument("--latency", type=int, default=0, metavar="N", help="batch-1 latency over N images")
     parser.add_argument("--budget-index", type=int, default=10, help="budget row p (1..59) for early exit")
     parser.add_argument("--compile", action="store_true", help="torch.compile against eager (compile time, speed-up)")
@@ -448,6 +520,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error(f"--original {args.original}: not a checkout of the original implementation (no models_deit.py)")
     if args.latency == 1:
         parser.error("--latency needs at least 2 images")
+    if args.ee_batches is None:
+        args.ee_batches = [args.batch]
+    if any("=" not in item for item in args.static):
+        parser.error("--static takes MODEL=STATIC pairs")
     return args
 
 
@@ -488,7 +564,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.stages:
         stage_breakdown(args, device, dtypes)
     if args.early_exit:
-        early_exit_vs_baseline(args, device, dtypes)
+        early_exit_vs_static(args, device, dtypes)
     if args.latency:
         batch1_latency(args, device, dtypes)
     if args.compile:

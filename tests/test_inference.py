@@ -484,13 +484,23 @@ def test_speed_benchmark_runs(capsys):
     spec.loader.exec_module(bench)
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
-                       "--latency", "3"])
+                       "--ee-batches", "1", "8", "--latency", "3"])
     out = capsys.readouterr().out
     assert code == 0
     assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
     for heading in ("### All exits", "stages and reuse paths", "### Real early exit", "### Batch-1 latency"):
         assert heading in out, heading
     assert "| deit_tiny_patch16_224 |" in out and "| stage 3 relation reuse |" in out
+    # one pool per batch size (a multiple of 7 and of the batch): the budget's shares exactly
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| DVT_tiny | deit_tiny_patch16_224 | fp32 |")]
+    assert [(r[3], r[4]) for r in rows] == [("1", "112"), ("8", "112")]
+    assert rows[1][5] == "0.571 / 0.286 / 0.143"
+    assert rows[0][12] != "-" and rows[1][12] == "-"  # batch-1 latency only at batch 1
+    assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
+    assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
+        == "vit_small_patch16_224"
+    static = bench.build_static("T2T-ViT-14", 224, torch.device("cpu"), torch.float32)
+    assert static.num_exits == 1 and static.stages[0].grid == 14 and static.stages[0].depth == 14
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -255,6 +255,53 @@ def test_relation_reuse_batched_and_per_sample_agree(chunk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["DVT_tiny", "DVT_T2t_vit_12"])
+def test_inference_relation_biases_equal_the_training_path(name):
+    """Eager inference builds each block's relation bias when the block runs and accumulates the
+    attention products onto it; with gradients on, every bias is built at once and added. Same
+    outputs, and the gradients still flow."""
+    torch.manual_seed(0)
+    kwargs = dict(depth=2) if name != "DVT_tiny" else {}
+    model = timm.create_model(name, img_size=64 if name == "DVT_tiny" else 224, **kwargs).eval()
+    x = torch.randn(3, 3, model.img_size, model.img_size)
+    with torch.no_grad():
+        inference = model(x)
+        biases = model.stages[2]._relation_biases(list(model.iter_stages(x))[1].relations)
+    assert type(biases).__name__ == "BlockBiases" and len(biases) == model.stages[2].depth
+    with pytest.raises(IndexError):
+        biases[len(biases)]
+    training = model(x)
+    assert training[-1].requires_grad
+    for a, b in zip(inference, training):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_accumulates_onto_a_bias_only_when_it_may(dtype):
+    """consume_bias: without gradients the logits are written over the bias (same result as
+    adding it); with gradients, or without consume_bias, the caller's bias is left alone."""
+    from models.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(64, 2, qkv_bias=True).eval().to(dtype)
+    x = torch.randn(2, 50, 64).to(dtype)
+    bias = torch.randn(2, 2, 50, 50).to(dtype)
+    with torch.no_grad():
+        ref, ref_logits = attn(x, bias=bias.clone(), return_logits=True)
+        kept = bias.clone()
+        attn(x, bias=kept, return_logits=True)
+        assert torch.equal(kept, bias)  # not consumed: untouched
+        consumed = bias.clone()
+        out, logits = attn(x, bias=consumed, return_logits=True, consume_bias=True)
+        assert logits.data_ptr() == consumed.data_ptr()  # the bias became the logits' buffer
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(logits, ref_logits, **tol)
+    grad_bias = bias.clone().requires_grad_()
+    y, _ = attn(x, bias=grad_bias, consume_bias=True)
+    y.float().sum().backward()
+    assert torch.equal(grad_bias.detach(), bias) and grad_bias.grad is not None
+
+
 @pytest.mark.parametrize("shape", [(1, 3, 224, 200), (1, 3, 256, 256), (1, 1, 224, 224), (3, 224, 224)])
 def test_images_of_another_size_are_refused_clearly(shape):
     model = timm.create_model("DVT_T2t_vit_12", depth=1, num_classes=5).eval()
