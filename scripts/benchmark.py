@@ -449,8 +449,9 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
             counts = torch.bincount(torch.cat([e.exit_index.cpu() for e in exits]), minlength=model.num_exits)
             q = lambda v: statistics.quantiles(v, n=10)[-1] * 1e3  # noqa: E731  (90th percentile)
             med = lambda v: statistics.median(v) * 1e3  # noqa: E731
+            shares = " / ".join(f"{c / args.latency:.2f}" for c in counts.tolist())
             print(f"| {name} | {d} | {med(early):.1f} | {q(early):.1f} | {med(full):.1f} | {q(full):.1f} | {static} | "
-                  f"{med(flat):.1f} | {q(flat):.1f} | {' / '.join(f'{c / args.latency:.2f}' for c in counts.tolist())} |")
+                  f"{med(flat):.1f} | {q(flat):.1f} | {shares} |")
 
 
 def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
