@@ -198,6 +198,33 @@ class DVTStage(nn.Module):
         f = self.resample(f)  # (B, N, reuse_dim)
         return F.pad(f, (0, 0, 1, 0))  # zeros at the class token
 
+    def _batched_reuse(self) -> bool:
+        """Whether every block's reused features are computed at once (:meth:`_all_reused_features`):
+        eager inference of an eval-mode stage with feature reuse."""
+        return (self.feature_reuse and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    def _all_reused_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Every block's :meth:`_reused_features` at once: (B, n + 1, C) -> (B, N + 1, depth * reuse_dim),
+        block i's in channels [i * reuse_dim, (i + 1) * reuse_dim).
+
+        The blocks' ``feature_reuse_mlp`` read the same tokens: one LayerNorm without affine, the
+        blocks' affine factors folded into their first linear layers (one product for all
+        blocks), one batched product for the second layers and one resampling, instead of
+        twelve of each. Same multiply-adds; equal up to rounding."""
+        mlps = [block.feature_reuse_mlp for block in self.blocks]
+        norm, hidden, reuse = mlps[0][0], mlps[0][1].fc1.out_features, mlps[0][1].fc2.out_features
+        w1 = torch.cat([m[1].fc1.weight.float() * m[0].weight.float() for m in mlps]).to(tokens.dtype)
+        b1 = torch.cat([(m[1].fc1.weight.float() * m[0].bias.float()).sum(-1) + m[1].fc1.bias.float()
+                        for m in mlps]).to(tokens.dtype)
+        h = mlps[0][1].act(F.linear(F.layer_norm(tokens, norm.normalized_shape, eps=norm.eps), w1, b1))
+        B, T, _ = h.shape  # (B, n + 1, depth * hidden)
+        w2 = torch.stack([m[1].fc2.weight for m in mlps]).transpose(1, 2)  # (depth, hidden, reuse)
+        b2 = torch.stack([m[1].fc2.bias for m in mlps])[:, None]  # (depth, 1, reuse)
+        f = torch.baddbmm(b2.to(h.dtype), h.view(B * T, self.depth, hidden).transpose(0, 1), w2.to(h.dtype))
+        f = f.view(self.depth, B, T, reuse)[:, :, 1:].permute(1, 2, 0, 3).reshape(B, T - 1, self.depth * reuse)
+        return F.pad(self.resample(f), (0, 0, 1, 0))  # zeros at the class token
+
     def _run(self, fn: Callable, *args):
         """``fn(*args)``; with gradient checkpointing its activations are recomputed in the
         backward pass instead of being stored (the random layers replay the same draws)."""
@@ -206,9 +233,12 @@ class DVTStage(nn.Module):
         return fn(*args)
 
     def _block(self, block: Block, x: torch.Tensor, prev: Optional[StageOutput], bias: Optional[torch.Tensor],
-               export_relations: bool, consume_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One block, with the features it reuses from the previous stage."""
-        reused = self._reused_features(block, prev.tokens) if self.feature_reuse else None
+               export_relations: bool, consume_bias: bool = False,
+               reused: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One block, with the features it reuses from the previous stage (``reused`` when
+        already computed)."""
+        if reused is None and self.feature_reuse:
+            reused = self._reused_features(block, prev.tokens)
         return block(x, reused=reused, bias=bias, return_logits=export_relations, consume_bias=consume_bias)
 
     def forward(
@@ -227,9 +257,11 @@ class DVTStage(nn.Module):
         x = self.pos_drop(torch.cat((cls, tokens), dim=1) + self.pos_embed)  # (B, N + 1, C)
         biases = self._run(self._relation_biases, prev.relations) if self.relation_reuse else (None,) * self.depth
         consume = isinstance(biases, BlockBiases)  # each bias built for its block alone: it may hold the logits
+        reused = self._all_reused_features(prev.tokens).chunk(self.depth, dim=-1) if self._batched_reuse() else None
         relations = []
-        for block, bias in zip(self.blocks, biases):
-            x, logits = self._run(self._block, block, x, prev, bias, export_relations, consume)
+        for i, (block, bias) in enumerate(zip(self.blocks, biases)):
+            x, logits = self._run(self._block, block, x, prev, bias, export_relations, consume,
+                                  None if reused is None else reused[i])
             relations.append(logits)
         out = self.head(self.norm(x)[:, 0])
         return StageOutput(out, x, tuple(relations) if export_relations else None)
