@@ -322,9 +322,10 @@ def _stage_parts(model, x: torch.Tensor, prev: list) -> dict[str, Callable[[], o
             # every block's bias built (in eager inference they are resampled block by block)
             parts[f"stage {k + 1} relation reuse"] = (lambda s, p: lambda: list(s._relation_biases(p.relations)))(
                 stage, prev[k])
-        if stage.feature_reuse:
-            parts[f"stage {k + 1} feature reuse"] = (lambda s, p: lambda: [
-                s._reused_features(b, p.tokens) for b in s.blocks])(stage, prev[k])
+        if stage.feature_reuse:  # what the stage runs: every block's at once in eager inference
+            parts[f"stage {k + 1} feature reuse"] = (lambda s, p: lambda: s._all_reused_features(p.tokens) if
+                                                     s._batched_reuse() else [s._reused_features(b, p.tokens)
+                                                                              for b in s.blocks])(stage, prev[k])
     return parts
 
 
@@ -394,7 +395,7 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
     interleaved round by round; per-image latency (best round of each image) at batch 1."""
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(pool_size(batch), 3, args.img_size, args.img_size, generator=gen).to(device, dtype)
-    thresholds = fitted_thresholds(model, images, args.budget_index)
+    thresholds = fitted_thresholds(model, images, args.budget_index, batch=min(batch, 32))
     batches = images.split(batch)
     with torch.inference_mode():
         exits = torch.cat([model.forward_early_exit(xb, thresholds).exit_index.cpu() for xb in batches])
@@ -414,12 +415,15 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
                 lat_early=q(per_image["early"]), lat_static=q(per_image["static"]))
 
 
-def fitted_thresholds(model: torch.nn.Module, images: torch.Tensor, budget_index: int) -> torch.Tensor:
+def fitted_thresholds(model: torch.nn.Module, images: torch.Tensor, budget_index: int, batch: int = 32) -> torch.Tensor:
     """Thresholds that give budget row ``budget_index``'s exit shares on ``images`` themselves:
-    the weights are seeded random, so thresholds fitted elsewhere would not carry over."""
+    the weights are seeded random, so thresholds fitted elsewhere would not carry over. The
+    confidences come in batches of ``batch`` (those that are timed: kernels round differently
+    at other batch sizes, and in bf16 that moves samples near a threshold to another exit)."""
     shares = budget_exit_shares(budget_index, model.num_exits)
     with torch.inference_mode():
-        conf = torch.cat([torch.stack(model(xb)).float().softmax(-1).amax(-1).cpu() for xb in images.split(32)], dim=1)
+        conf = torch.cat([torch.stack(model(xb)).float().softmax(-1).amax(-1).cpu() for xb in images.split(batch)],
+                         dim=1)
     return find_thresholds(conf, shares[None])[0].to(images.device)
 
 
@@ -436,7 +440,7 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
             model = build(name, args.img_size, device, DTYPES[d])
             base = build_static(static, args.img_size, device, DTYPES[d])
             images = torch.randn(args.latency, 3, args.img_size, args.img_size, generator=gen).to(device, DTYPES[d])
-            thresholds = fitted_thresholds(model, images, args.budget_index)
+            thresholds = fitted_thresholds(model, images, args.budget_index, batch=1)
             with torch.inference_mode():
                 model.forward_early_exit(images[:1], thresholds)
                 base(images[:1])
