@@ -12,7 +12,7 @@
   original implementation (in a child process, with ``--original``) and of timm's static
   ``deit_small_patch16_224``, at batch 64 and 256;
 * real early exit at the exit shares of budget row 10 (where the paper's cascade matches its
-  static model's accuracy) against the static model (``benchmark.early_exit_vs_baseline``:
+  static model's accuracy) against the static model (``benchmark.early_exit_vs_static``:
   weights converted with ``model.to(dtype)``);
 * training: forward, summed loss, backward and AdamW step (``bench_train.train_steps``) with
   autocast (float16 with a gradient scaler, bfloat16), images/second per GPU and peak memory;
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
-from benchmark import OriginalWorker, build, cpu_flags, early_exit_vs_baseline, machine_description, matmul_peak, \
+from benchmark import OriginalWorker, build, cpu_flags, early_exit_vs_static, machine_description, matmul_peak, \
     model_gmacs  # noqa: E402
 from bench_train import train_steps  # noqa: E402
 from models.deploy import compile_model  # noqa: E402
@@ -343,25 +343,26 @@ def row(key: str, impl: str, p: str, batch: int, gmacs: float, rates: dict, base
 
 
 def early_exit(plan: Plan, device: torch.device, clock: Clock, lines: list[str]) -> None:
-    """``benchmark.early_exit_vs_baseline`` per model and batch, its tables joined into one."""
+    """``benchmark.early_exit_vs_static`` per model and batch (each against the static model of
+    the accuracy it matches), its tables joined into one."""
     header_done, skipped = False, []
     for batch in plan.batches:
         for name in plan.early_models:
             if clock.left() <= 0:
                 skipped.append(f"{name} at batch {batch}")
                 continue
-            args = argparse.Namespace(batch=batch, img_size=plan.img_size, baseline=plan.baseline,
-                                      budget_index=plan.budget_index, models=[name], repeats=plan.iters)
+            args = argparse.Namespace(batch=batch, ee_batches=[batch], img_size=plan.img_size, baseline=plan.baseline,
+                                      static=[], budget_index=plan.budget_index, models=[name], repeats=plan.iters)
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                early_exit_vs_baseline(args, device, plan.early_dtypes)
+                early_exit_vs_static(args, device, plan.early_dtypes)
             table = [line for line in out.getvalue().splitlines() if line.startswith("|")]
             if not header_done:
                 lines += [f"Budget row p = {plan.budget_index}, weights converted to each dtype "
-                          f"(model.to(dtype)), best of {plan.iters} rounds; the batch size follows the model's "
-                          "name", "", table[0].replace("| model |", "| model (batch) |"), table[1]]
+                          f"(model.to(dtype)), one pool of images per batch size, best of {plan.iters} rounds",
+                          "", table[0], table[1]]
                 header_done = True
-            lines += [line.replace(f"| {name} |", f"| {name} ({batch}) |", 1) for line in table[2:]]
+            lines += table[2:]
     if skipped:
         lines += ["", f"skipped (time): {', '.join(skipped)}"]
 

@@ -42,7 +42,7 @@ def test_benchmark_dry_run_writes_every_section(tmp_path):
     assert [line for line in text.splitlines() if line.startswith("### ")] == list(SECTIONS)
     assert "failed:" not in text and "skipped (time)" not in text, text
     for row in ("| deit_tiny_patch16_224 | timm (static) | fp32 | 4 |", "| DVT_tiny | this | bf16 | 2 |",
-                "| DVT_tiny (4) | fp32 |", "| DVT_tiny | bf16 | 4 |", "| DVT_tiny | fp32 | "):
+                "| DVT_tiny | deit_tiny_patch16_224 | fp32 | 4 |", "| DVT_tiny | bf16 | 4 |", "| DVT_tiny | fp32 | "):
         assert row in text, row
     assert "original implementation: not run (no checkout of the original implementation" in text
 
