@@ -492,7 +492,8 @@ def test_speed_benchmark_runs(capsys):
         assert heading in out, heading
     assert "| deit_tiny_patch16_224 |" in out and "| stage 3 relation reuse |" in out
     # one pool per batch size (a multiple of 7 and of the batch): the budget's shares exactly
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| DVT_tiny | deit_tiny_patch16_224 | fp32 |")]
+    head = "| DVT_tiny | deit_tiny_patch16_224 | fp32 |"
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(head)]
     assert [(r[3], r[4]) for r in rows] == [("1", "112"), ("8", "112")]
     assert rows[1][5] == "0.571 / 0.286 / 0.143"
     assert rows[0][12] != "-" and rows[1][12] == "-"  # batch-1 latency only at batch 1
