@@ -495,7 +495,10 @@ def test_speed_benchmark_runs(capsys):
     head = "| DVT_tiny | deit_tiny_patch16_224 | fp32 |"
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(head)]
     assert [(r[3], r[4]) for r in rows] == [("1", "112"), ("8", "112")]
-    assert rows[1][5] == "0.571 / 0.286 / 0.143"
+    # the thresholds are fitted on the pool at the timed batch size; kernels of the smaller sub-batches
+    # round differently, which may move an image that sits on a threshold (it did under the AVX2 caps)
+    shares = [float(q) for q in rows[1][5].split(" / ")]
+    assert all(abs(q - t) <= 3 / 112 for q, t in zip(shares, (4 / 7, 2 / 7, 1 / 7))), shares
     assert rows[0][12] != "-" and rows[1][12] == "-"  # batch-1 latency only at batch 1
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
