@@ -162,15 +162,15 @@ class DVTStage(nn.Module):
             if torch.compiler.is_compiling() or chunk is None or chunk >= B:  # one graph for every batch size
                 maps = self._relation_conv(torch.cat(tuple(relations), dim=1))
             else:
-                maps = torch.cat([self._relation_conv(torch.cat([r[i:i + chunk] for r in relations], dim=1))
+                maps = torch.cat([self._relation_conv(_sample_maps(relations, i, i + chunk))
                                   for i in range(0, B, chunk)])
             return self.resample(maps, relations=True).chunk(self.depth, dim=1)
         chunk = self.relation_chunk or (1 if r0.device.type == "cpu" else B)
         maps = r0.new_empty(B, C, n, n)
         hidden = r0.new_empty(min(chunk, B), 3 * C, n * n)  # one buffer for every chunk: no fresh memory per chunk
         for start in range(0, B, chunk):
-            part = torch.cat([r[start:start + chunk] for r in relations], dim=1)  # (chunk, C, n, n)
-            self._relation_conv(part, out=maps[start:start + chunk], hidden=hidden)
+            self._relation_conv(_sample_maps(relations, start, start + chunk), out=maps[start:start + chunk],
+                                hidden=hidden)
         return BlockBiases(self.resample, maps, self.depth)
 
     def _relation_conv(self, r: torch.Tensor, out: Optional[torch.Tensor] = None,
@@ -265,6 +265,11 @@ class DVTStage(nn.Module):
             relations.append(logits)
         out = self.head(self.norm(x)[:, 0])
         return StageOutput(out, x, tuple(relations) if export_relations else None)
+
+
+def _sample_maps(relations: Sequence[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Samples ``start:stop`` of every block's relations (b, heads, n, n), as one (b, depth * heads, n, n)."""
+    return torch.cat([r[start:stop] for r in relations], dim=1)
 
 
 class BlockBiases(Sequence):

@@ -63,6 +63,8 @@ from utils.precision import cpu_has_native_bf16  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RELEASED = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small"]
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# Settings of the memory allocator: they change CPU timings at large batches (page faults).
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 # ----------------------------------------------------------------------------- machine
@@ -90,9 +92,11 @@ def machine_description(device: torch.device) -> str:
     # Instruction-set caps (torch's own kernels, oneDNN, MKL): with all three at AVX2 an AVX-512
     # CPU runs the code an AVX2-only CPU runs.
     caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k)]
+    allocator = [f"{k}={os.environ[k]}" for k in ALLOCATOR_ENV if os.environ.get(k)]
     return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(flags) or '-'}"
-            f"{', capped by ' + ' '.join(caps) if caps else ''}; {versions}")
+            f"{', capped by ' + ' '.join(caps) if caps else ''}"
+            f"; allocator: {' '.join(allocator) if allocator else 'default'}; {versions}")
 
 
 def sync(device: torch.device) -> None:

@@ -525,6 +525,20 @@ def test_speed_benchmark_times_bf16_only_where_native(native, monkeypatch, capsy
     assert ("| this | bf16 |" in out) is native
 
 
+def test_machine_line_names_the_allocator(monkeypatch):
+    """CPU timings at large batches depend on the allocator's settings (page faults): the machine
+    line under every benchmark table says which were in force."""
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name in bench.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert "; allocator: default;" in bench.machine_description(torch.device("cpu"))
+    tunables = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    assert f"; allocator: GLIBC_TUNABLES={tunables};" in bench.machine_description(torch.device("cpu"))
+
+
 def test_early_exit_benchmark_runs(capsys):
     spec = importlib.util.spec_from_file_location("bench_early_exit", REPO / "scripts" / "bench_early_exit.py")
     bench = importlib.util.module_from_spec(spec)
