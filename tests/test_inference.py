@@ -476,12 +476,18 @@ def test_plot_of_several_curves(tmp_path):
 
 # -------------------------------------------------------------------------- benchmark
 
+def load_script(name: str):
+    """A fresh module of ``scripts/<name>.py`` (fresh, so a test's monkeypatching stays its own)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_speed_benchmark_runs(capsys):
     """scripts/benchmark.py: every section, with the machine line and a non-DVT baseline built
     for the same image size."""
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark")
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
                        "--ee-batches", "1", "8", "--latency", "3"])
@@ -511,9 +517,7 @@ def test_speed_benchmark_runs(capsys):
 def test_speed_benchmark_times_bf16_only_where_native(native, monkeypatch, capsys):
     """Emulated bf16 (an AVX2-only CPU) takes minutes and says nothing of the model: left out
     by default, with the reason."""
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark")
     monkeypatch.setattr(bench, "cpu_has_native_bf16", lambda: native)
     monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device: 100.0)
     assert bench.default_dtypes(torch.device("cpu")) == (["fp32", "bf16"] if native else ["fp32"])
@@ -528,9 +532,7 @@ def test_speed_benchmark_times_bf16_only_where_native(native, monkeypatch, capsy
 def test_machine_line_names_the_allocator(monkeypatch):
     """CPU timings at large batches depend on the allocator's settings (page faults): the machine
     line under every benchmark table says which were in force."""
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmark")
     for name in bench.ALLOCATOR_ENV:
         monkeypatch.delenv(name, raising=False)
     assert "; allocator: default;" in bench.machine_description(torch.device("cpu"))
@@ -540,9 +542,7 @@ def test_machine_line_names_the_allocator(monkeypatch):
 
 
 def test_early_exit_benchmark_runs(capsys):
-    spec = importlib.util.spec_from_file_location("bench_early_exit", REPO / "scripts" / "bench_early_exit.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_early_exit")
     code = bench.main(["--models", "DVT_tiny", "--batch_size", "8", "--budgets", "10", "40", "--iters", "1",
                        "--warmup", "0", "--img_size", "112", "--devices", "cpu", "--threads", "1", "--profile"])
     out = capsys.readouterr().out
