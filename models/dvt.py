@@ -4,13 +4,15 @@ Stage k embeds the image into a g_k x g_k grid of tokens (7x7, 10x10, 14x14 for 
 models) and classifies it with its own head. Later stages reuse the previous stage's final
 tokens (feature reuse) and its attention logits (relation reuse). ``model(x)`` runs every
 stage and returns the per-exit logits; ``model.forward_early_exit`` runs each stage only on
-the samples that earlier exits were not confident about.
+the samples that earlier exits were not confident about, and ``model.queued_early_exit`` does so
+over a stream of batches, each later stage on full batches of such samples.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from functools import partial
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import Block, GridResample, TokenPerformer, sinusoid_table
 
 __all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "ExitStep", "run_early_exit",
-           "unfold_grid"]
+           "queued_early_exit", "unfold_grid"]
 
 
 def unfold_grid(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -636,13 +638,53 @@ class DVT(nn.Module):
                 :meth:`exit_steps`); compiled or exported stages go here.
         """
         self._check_images(x)
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device)
-        if thresholds.shape != (self.num_exits,):
-            raise ValueError(f"expected {self.num_exits} thresholds, got shape {tuple(thresholds.shape)}")
+        thresholds = self._checked_thresholds(thresholds, x.device)
+        return run_early_exit(self._checked_steps(steps), x, thresholds)
+
+    @torch.no_grad()
+    def queued_early_exit(
+            self,
+            batches: Iterable[torch.Tensor],
+            thresholds: Sequence[float] | torch.Tensor,
+            queue: Optional[int] = None,
+            steps: Optional[Sequence[Callable[..., tuple[torch.Tensor, ...]]]] = None,
+    ) -> Iterator[EarlyExitOutput]:
+        """Real early exit over a stream of batches, the later stages run on full batches: the
+        samples that go on wait until ``queue`` of them are there (:func:`queued_early_exit`).
+        Yields one :class:`EarlyExitOutput` per batch, in order, once all its samples have left.
+
+        Args:
+            batches: image batches (B_i, 3, H, W), e.g. from a data loader.
+            thresholds: one confidence threshold per exit.
+            queue: samples a later stage waits for (default: the first batch's size).
+            steps: as in :meth:`forward_early_exit`.
+        """
+        steps = self._checked_steps(steps)
+        checked: list[torch.Tensor] = []
+
+        def images() -> Iterator[torch.Tensor]:
+            for x in batches:
+                self._check_images(x)
+                if not checked:
+                    checked.append(self._checked_thresholds(thresholds, x.device))
+                yield x
+
+        stream = images()
+        first = next(stream, None)
+        if first is not None:
+            yield from queued_early_exit(steps, itertools.chain((first,), stream), checked[0], queue)
+
+    def _checked_steps(self, steps: Optional[Sequence[Callable]]) -> Sequence[Callable]:
         steps = self.exit_steps() if steps is None else steps
         if len(steps) != self.num_exits:
             raise ValueError(f"expected {self.num_exits} stage steps, got {len(steps)}")
-        return run_early_exit(steps, x, thresholds)
+        return steps
+
+    def _checked_thresholds(self, thresholds: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+        if thresholds.shape != (self.num_exits,):
+            raise ValueError(f"expected {self.num_exits} thresholds, got shape {tuple(thresholds.shape)}")
+        return thresholds
 
 
 class ExitStep(nn.Module):
@@ -712,6 +754,99 @@ def run_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], x: 
             rest = [t.index_select(0, stay) for t in rest]
         carry = tuple(rest)
     return EarlyExitOutput(logits, exit_index, confidence)
+
+
+class _Batch:
+    """Results of one input batch of :func:`queued_early_exit`, filled as its samples leave."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        B = logits.shape[0]
+        self.left = B
+        self.out = EarlyExitOutput(logits.new_empty(B, logits.shape[1]),
+                                   torch.empty(B, dtype=torch.long, device=logits.device),
+                                   torch.empty(B, dtype=torch.float32, device=logits.device))
+
+    def fill(self, pos: torch.Tensor, logits: torch.Tensor, exit_index: int, conf: torch.Tensor) -> None:
+        self.out.logits.index_copy_(0, pos, logits.to(self.out.logits.dtype))
+        self.out.exit_index.index_fill_(0, pos, exit_index)
+        self.out.confidence.index_copy_(0, pos, conf)
+        self.left -= pos.numel()
+
+
+def queued_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], batches: Iterable[torch.Tensor],
+                      thresholds: torch.Tensor, queue: Optional[int] = None) -> Iterator[EarlyExitOutput]:
+    """Real early exit over a stream of batches, the later stages run on full batches.
+
+    :func:`run_early_exit` runs stage k+1 on the samples of one batch that stage k was not
+    sure of: a few images, on which a stage runs well below its speed on a full batch (matrix
+    products of few rows). Here those samples wait, with what they carry, until ``queue`` of
+    them are there, from as many batches as it takes; stage k+1 then runs on exactly ``queue``
+    samples. When the stream ends, every stage runs on whatever waits for it. A sample's result
+    is the one :func:`run_early_exit` gives (up to the rounding of kernels at another batch
+    size); it comes later, with its batch.
+
+    Args:
+        steps: one callable per exit (:class:`ExitStep` contract).
+        batches: image batches (B_i, 3, H, W); stage 1 runs on each as it comes.
+        thresholds: (num_exits,) float32 tensor; the last entry is ignored.
+        queue: samples a later stage waits for (default: the first batch's size).
+
+    Yields:
+        One :class:`EarlyExitOutput` per input batch, in order, as soon as every sample of it
+        and of the batches before it has left.
+    """
+    if queue is not None and queue < 1:
+        raise ValueError(f"queue must be at least 1, got {queue}")
+    K = len(steps)
+    waiting: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(K)]  # per stage: (batch, position, x, *carry)
+    done: dict[int, _Batch] = {}  # input batches not yet yielded
+
+    def run(k: int, owner: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, *carry: torch.Tensor,
+            batch: Optional[int] = None) -> None:
+        out, conf, *rest = steps[k](x, *carry)
+        if batch is not None:  # stage 1 on input batch number ``batch``
+            done[batch] = _Batch(out)
+        leave_mask = conf >= thresholds[k] if k + 1 < K else torch.ones_like(conf, dtype=torch.bool)
+        leave = leave_mask.nonzero().squeeze(1)
+        if leave.numel():
+            who, at = owner.index_select(0, leave), pos.index_select(0, leave)
+            out, left_conf = out.index_select(0, leave), conf.index_select(0, leave)
+            for b in who.unique().tolist():
+                mine = (who == b).nonzero().squeeze(1)
+                done[b].fill(at.index_select(0, mine), out.index_select(0, mine), k, left_conf.index_select(0, mine))
+        if leave.numel() < conf.numel():
+            stay = (~leave_mask).nonzero().squeeze(1)
+            wait(k + 1, tuple(t.index_select(0, stay) for t in (owner, pos, x, *rest)))
+
+    def wait(k: int, chunk: tuple[torch.Tensor, ...]) -> None:
+        waiting[k].append(chunk)
+        while sum(c[0].numel() for c in waiting[k]) >= queue:
+            parts = _joined(waiting[k])
+            waiting[k] = [tuple(t[queue:] for t in parts)] if parts[0].numel() > queue else []
+            run(k, *(t[:queue] for t in parts))
+
+    def ready(first: int) -> Iterator[EarlyExitOutput]:
+        while first in done and done[first].left == 0:
+            yield done.pop(first).out
+            first += 1
+
+    yielded = 0
+    for i, x in enumerate(batches):
+        queue = x.shape[0] if queue is None else queue
+        run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x, batch=i)
+        for out in ready(yielded):
+            yielded += 1
+            yield out
+    for k in range(1, K):  # the stream has ended: every stage runs on what waits for it
+        if waiting[k]:
+            parts, waiting[k] = _joined(waiting[k]), []
+            run(k, *parts)
+    yield from ready(yielded)
+
+
+def _joined(chunks: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Waiting chunks (batch, position, x, *carry) as one."""
+    return [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*chunks)]
 
 
 # Key layout of the released checkpoints: fixed stage names and a misspelt module name.

@@ -22,7 +22,9 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   against the static model of matched accuracy (``STATIC_MATCH``; ``--static`` overrides), same
   dtype, for each batch size of ``--ee-batches``: one pool of images (a multiple of 7 and of the
   batch) run batch by batch, the thresholds fitted on the pool itself (seeded random weights), so
-  the realised shares are the budget's; batch 1 adds per-image median and p90 latency;
+  the realised shares are the budget's; batch 1 adds per-image median and p90 latency; from
+  batch 2 on, "queued" runs the pool as one stream (``DVT.queued_early_exit``: the samples
+  that go on wait until a full batch of them is there);
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
@@ -373,8 +375,8 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
           f"{' / '.join(f'{q:.2f}' for q in shares)}) against the static model, best of {args.repeats} rounds\n")
     print("| model | static model | dtype | batch | images | exit shares realised | GMACs/img (static) | "
           "early exit img/s | static img/s | early exit / static | FLOPs promise | share of the promise | "
-          "batch-1 median ms (early / static) | batch-1 p90 ms (early / static) |")
-    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "queued img/s | queued / static | batch-1 median ms (early / static) | batch-1 p90 ms (early / static) |")
+    print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         static = static_for(name, args)
         flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
@@ -387,10 +389,11 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
                 gm, ratio, promise = row["gmacs"], row["early"] / row["static"], base_gmacs / row["gmacs"]
                 lat = (f"{row['lat_early'][0]:.1f} / {row['lat_static'][0]:.1f} | "
                        f"{row['lat_early'][1]:.1f} / {row['lat_static'][1]:.1f}") if batch == 1 else "- | -"
+                queued = f"{row['queued']:.1f} | {row['queued'] / row['static']:.2f}x" if batch > 1 else "- | -"
                 print(f"| {name} | {static} | {d} | {batch} | {row['images']} | "
                       f"{' / '.join(f'{q:.3f}' for q in row['shares'])} | {gm:.2f} ({base_gmacs:.2f}) | "
                       f"{row['early']:.1f} | {row['static']:.1f} | {ratio:.2f}x | {promise:.2f}x | "
-                      f"{ratio / promise:.0%} | {lat} |")
+                      f"{ratio / promise:.0%} | {queued} | {lat} |")
 
 
 def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[float], args: argparse.Namespace,
@@ -406,16 +409,21 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
     shares = (torch.bincount(exits, minlength=model.num_exits).double() / exits.numel()).tolist()
     fns = {"early": lambda xb: model.forward_early_exit(xb, thresholds), "static": lambda xb: base(xb)}
     per_image = {k: [float("inf")] * len(batches) for k in fns}
-    best = {k: float("inf") for k in fns}
+    best = {k: float("inf") for k in (*fns, "queued")}
     for r in range(args.repeats + 1):  # round 0 is the warm-up
         for k, fn in fns.items():
             times = [_time_once(lambda: fn(xb), device) for xb in batches]
             if r:
                 best[k] = min(best[k], sum(times))
                 per_image[k] = [min(a, t) for a, t in zip(per_image[k], times)]
+        if batch > 1:  # the pool as one stream, the later stages on full batches
+            t = _time_once(lambda: list(model.queued_early_exit(batches, thresholds)), device)
+            if r:
+                best["queued"] = min(best["queued"], t)
     q = lambda v: (statistics.median(v) * 1e3, statistics.quantiles(v, n=10)[-1] * 1e3)  # noqa: E731
     return dict(images=images.shape[0], shares=shares, gmacs=sum(s * f for s, f in zip(shares, flops)),
                 early=images.shape[0] / best["early"], static=images.shape[0] / best["static"],
+                queued=images.shape[0] / best["queued"],
                 lat_early=q(per_image["early"]), lat_static=q(per_image["static"]))
 
 

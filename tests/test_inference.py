@@ -505,7 +505,8 @@ def test_speed_benchmark_runs(capsys):
     # round differently, which may move an image that sits on a threshold (it did under the AVX2 caps)
     shares = [float(q) for q in rows[1][5].split(" / ")]
     assert all(abs(q - t) <= 3 / 112 for q, t in zip(shares, (4 / 7, 2 / 7, 1 / 7))), shares
-    assert rows[0][12] != "-" and rows[1][12] == "-"  # batch-1 latency only at batch 1
+    assert rows[0][14] != "-" and rows[1][14] == "-"  # batch-1 latency only at batch 1
+    assert rows[0][12] == "-" and float(rows[1][12]) > 0 and rows[1][13].endswith("x")  # queued: from batch 2 on
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"

@@ -312,6 +312,72 @@ def test_images_of_another_size_are_refused_clearly(shape):
             model.forward_early_exit(torch.zeros(shape), [0.5, 0.5, 0.0])
 
 
+def spread_cascade(images: torch.Tensor):
+    """DVT_tiny with one block per stage at 32 pixels, its heads scaled so confidences spread,
+    and thresholds that send about a third of ``images`` out at each exit."""
+    torch.manual_seed(0)
+    model = timm.create_model("DVT_tiny", img_size=32, depth=1, num_classes=5).eval()
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.mul_(30.0)
+        conf = torch.stack(model(images)).softmax(-1).amax(-1)  # (exits, B)
+    return model, torch.tensor([conf[0].quantile(0.66).item(), conf[1].quantile(0.5).item(), -1e8])
+
+
+def recording(steps, calls: list):
+    """``steps`` that record (stage, samples) at each call."""
+    return [lambda x, *carry, k=k, step=step: calls.append((k, x.shape[0])) or step(x, *carry)
+            for k, step in enumerate(steps)]
+
+
+@pytest.mark.parametrize("queue", [None, 2])
+def test_queued_early_exit_answers_each_batch_as_forward_early_exit(queue):
+    """One result per input batch, in order, equal to forward_early_exit on that batch alone;
+    stage 1 runs on each batch as it comes, the later stages on exactly ``queue`` samples
+    (default: the batch size) gathered across batches, and only the end of the stream runs
+    them on fewer."""
+    x = torch.randn(23, 3, 32, 32)
+    model, thresholds = spread_cascade(x)
+    batches, calls = x.split(5), []
+    outs = list(model.queued_early_exit(batches, thresholds, queue=queue, steps=recording(model.exit_steps(), calls)))
+    assert [o.logits.shape for o in outs] == [(len(b), 5) for b in batches]
+    with torch.no_grad():
+        for got, xb in zip(outs, batches):
+            want = model.forward_early_exit(xb, thresholds)
+            assert torch.equal(got.exit_index, want.exit_index)
+            torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got.confidence, want.confidence, rtol=0, atol=1e-6)
+    exits = torch.cat([o.exit_index for o in outs])
+    assert set(exits.tolist()) == {0, 1, 2}
+    assert [n for k, n in calls if k == 0] == [len(b) for b in batches]
+    for k in (1, 2):
+        sizes = [n for stage, n in calls if stage == k]
+        assert sizes[:-1] == [queue or 5] * (len(sizes) - 1) and 1 <= sizes[-1] <= (queue or 5)
+        assert sum(sizes) == int((exits >= k).sum())
+
+
+def test_queued_early_exit_answers_as_soon_as_a_batch_is_done():
+    """Batches whose samples all leave at the first exit are answered before the next batch
+    is read; an empty stream gives nothing; bad thresholds and queues are refused."""
+    x = torch.randn(6, 3, 32, 32)
+    model, thresholds = spread_cascade(x)
+    read = []
+
+    def batches():
+        for i, xb in enumerate(x.split(2)):
+            read.append(i)
+            yield xb
+
+    stream = model.queued_early_exit(batches(), [-1e8, -1e8, -1e8])
+    for i, out in enumerate(stream):
+        assert read[-1] == i and out.exit_index.tolist() == [0, 0]
+    assert list(model.queued_early_exit([], thresholds)) == []
+    with pytest.raises(ValueError, match="expected 3 thresholds"):
+        list(model.queued_early_exit(x.split(2), [0.5, 0.5]))
+    with pytest.raises(ValueError, match="queue must be at least 1"):
+        list(model.queued_early_exit(x.split(2), thresholds, queue=0))
+
+
 def test_relation_reuse_in_chunks_trains():
     """A chunk size set for training gives the gradients of the whole batch."""
     torch.manual_seed(0)
