@@ -797,51 +797,70 @@ def queued_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], 
     """
     if queue is not None and queue < 1:
         raise ValueError(f"queue must be at least 1, got {queue}")
-    K = len(steps)
-    waiting: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in range(K)]  # per stage: (batch, position, x, *carry)
-    done: dict[int, _Batch] = {}  # input batches not yet yielded
+    queues = None
+    for i, x in enumerate(batches):
+        queues = queues or _ExitQueues(steps, thresholds, x.shape[0] if queue is None else queue)
+        queues.run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x,
+                   batch=i)
+        yield from queues.answered()
+    if queues is not None:
+        queues.flush()
+        yield from queues.answered()
 
-    def run(k: int, owner: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, *carry: torch.Tensor,
+
+class _ExitQueues:
+    """The state of :func:`queued_early_exit`: per stage, the samples waiting for it as chunks
+    (input batch number, position in that batch, image, *carry); per input batch not yet
+    answered, its results so far."""
+
+    def __init__(self, steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], thresholds: torch.Tensor,
+                 queue: int) -> None:
+        self.steps, self.thresholds, self.queue = steps, thresholds, queue
+        self.waiting: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in steps]
+        self.batches: dict[int, _Batch] = {}
+        self.next_answer = 0
+
+    def run(self, k: int, owner: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, *carry: torch.Tensor,
             batch: Optional[int] = None) -> None:
-        out, conf, *rest = steps[k](x, *carry)
+        """Stage ``k`` on these samples; those that leave fill their batches' results, the others wait."""
+        out, conf, *rest = self.steps[k](x, *carry)
         if batch is not None:  # stage 1 on input batch number ``batch``
-            done[batch] = _Batch(out)
-        leave_mask = conf >= thresholds[k] if k + 1 < K else torch.ones_like(conf, dtype=torch.bool)
+            self.batches[batch] = _Batch(out)
+        last = k + 1 == len(self.steps)
+        leave_mask = torch.ones_like(conf, dtype=torch.bool) if last else conf >= self.thresholds[k]
         leave = leave_mask.nonzero().squeeze(1)
         if leave.numel():
             who, at = owner.index_select(0, leave), pos.index_select(0, leave)
             out, left_conf = out.index_select(0, leave), conf.index_select(0, leave)
             for b in who.unique().tolist():
                 mine = (who == b).nonzero().squeeze(1)
-                done[b].fill(at.index_select(0, mine), out.index_select(0, mine), k, left_conf.index_select(0, mine))
+                self.batches[b].fill(at.index_select(0, mine), out.index_select(0, mine), k,
+                                     left_conf.index_select(0, mine))
         if leave.numel() < conf.numel():
             stay = (~leave_mask).nonzero().squeeze(1)
-            wait(k + 1, tuple(t.index_select(0, stay) for t in (owner, pos, x, *rest)))
+            self.wait(k + 1, tuple(t.index_select(0, stay) for t in (owner, pos, x, *rest)))
 
-    def wait(k: int, chunk: tuple[torch.Tensor, ...]) -> None:
-        waiting[k].append(chunk)
-        while sum(c[0].numel() for c in waiting[k]) >= queue:
-            parts = _joined(waiting[k])
-            waiting[k] = [tuple(t[queue:] for t in parts)] if parts[0].numel() > queue else []
-            run(k, *(t[:queue] for t in parts))
+    def wait(self, k: int, chunk: tuple[torch.Tensor, ...]) -> None:
+        """Queue samples for stage ``k``; run it on every full batch of them."""
+        self.waiting[k].append(chunk)
+        q = self.queue
+        while sum(c[0].numel() for c in self.waiting[k]) >= q:
+            parts = _joined(self.waiting[k])
+            self.waiting[k] = [tuple(t[q:] for t in parts)] if parts[0].numel() > q else []
+            self.run(k, *(t[:q] for t in parts))
 
-    def ready(first: int) -> Iterator[EarlyExitOutput]:
-        while first in done and done[first].left == 0:
-            yield done.pop(first).out
-            first += 1
+    def flush(self) -> None:
+        """The stream has ended: every stage runs on what waits for it."""
+        for k in range(1, len(self.steps)):
+            if self.waiting[k]:
+                parts, self.waiting[k] = _joined(self.waiting[k]), []
+                self.run(k, *parts)
 
-    yielded = 0
-    for i, x in enumerate(batches):
-        queue = x.shape[0] if queue is None else queue
-        run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x, batch=i)
-        for out in ready(yielded):
-            yielded += 1
-            yield out
-    for k in range(1, K):  # the stream has ended: every stage runs on what waits for it
-        if waiting[k]:
-            parts, waiting[k] = _joined(waiting[k]), []
-            run(k, *parts)
-    yield from ready(yielded)
+    def answered(self) -> Iterator[EarlyExitOutput]:
+        """The results of the next batches in order, as long as they are complete."""
+        while self.next_answer in self.batches and self.batches[self.next_answer].left == 0:
+            yield self.batches.pop(self.next_answer).out
+            self.next_answer += 1
 
 
 def _joined(chunks: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
