@@ -13,6 +13,7 @@ import torch
 
 import inference
 import main as train_main
+import models
 from utils.precision import AUTO, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,3 +160,30 @@ def child_pids(parent: int) -> list[int]:
                 found.append(int(entry))
     return sorted(found)
 
+
+
+def spread_cascade(name: str = "DVT_tiny", img_size: int = 32, num_classes: int = 5, head_scale: float = 30.0,
+                   seed: int = 0) -> models.DVT:
+    """A seeded cascade with one block per stage, in eval mode, its heads scaled up so that the
+    confidences spread out."""
+    torch.manual_seed(seed)
+    model = models.build_dvt(name, img_size=img_size, depth=1, num_classes=num_classes)
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.mul_(head_scale)
+    return model.eval()
+
+
+def spread_thresholds(model: models.DVT, x: torch.Tensor) -> torch.Tensor:
+    """Thresholds half-way between neighbouring confidences (so rounding cannot move an image
+    across) that stop about a third of ``x`` at exit 1 and half of the rest at exit 2."""
+    with torch.no_grad():
+        conf = torch.stack(model(x)).softmax(dim=-1).amax(dim=-1)  # (E, B)
+
+    def cut(values: torch.Tensor, share: float) -> float:
+        v = values.sort(descending=True).values
+        n = max(1, min(len(v) - 1, round(share * len(v))))
+        return float(v[n - 1] + v[n]) / 2
+
+    t0 = cut(conf[0], 1 / 3)
+    return torch.tensor([t0, cut(conf[1][conf[0] < t0], 0.5), -1e8])

@@ -10,28 +10,11 @@ import inference
 import main as train_main
 import models
 from fake_data import make_image_folder
-from helpers import TINY
+from helpers import TINY, spread_cascade, spread_thresholds
 from models.deploy import CompiledCascade, export_stages, load_stages, save_stages
 from models.dvt import run_early_exit, to_original_state_dict
 
 IMG = 32
-
-
-def small_cascade(seed: int = 0) -> models.DVT:
-    """DVT_tiny with one block per stage at 32 pixels, heads scaled so confidences spread out."""
-    torch.manual_seed(seed)
-    model = models.build_dvt("DVT_tiny", img_size=IMG, depth=1, num_classes=5)
-    with torch.no_grad():
-        for stage in model.stages:
-            stage.head.weight.mul_(30.0)
-    return model.eval()
-
-
-def spread_thresholds(model: models.DVT, x: torch.Tensor) -> torch.Tensor:
-    """Thresholds that send about a third of ``x`` out at each exit."""
-    with torch.no_grad():
-        conf = torch.stack(model(x)).float().softmax(-1).amax(-1)  # (E, B)
-    return torch.tensor([conf[0].quantile(0.66).item(), conf[1].quantile(0.5).item(), -1e8])
 
 
 @pytest.mark.slow
@@ -41,7 +24,7 @@ def test_compiled_stages_one_graph_each_and_eager_results():
     graph, without breaks, whatever number of samples reaches it; results equal eager."""
     torch._dynamo.reset()
     counters.clear()
-    model = small_cascade()
+    model = spread_cascade(img_size=IMG)
     cascade = CompiledCascade(model, backend="eager")
     with torch.no_grad():
         for b in (4, 3, 6):
@@ -63,7 +46,7 @@ def test_compiled_stages_one_graph_each_and_eager_results():
 def test_exported_stages_run_early_exit(tmp_path):
     """torch.export of every stage with a dynamic batch, saved and loaded back: real early
     exit from the programs alone gives the eager model's exits and logits, at any batch size."""
-    model = small_cascade(1)
+    model = spread_cascade(img_size=IMG, seed=1)
     x = torch.randn(10, 3, IMG, IMG)
     thresholds = spread_thresholds(model, x)
     paths = save_stages(export_stages(model, x[:2]), tmp_path)
@@ -83,7 +66,7 @@ def test_exported_stages_run_early_exit(tmp_path):
 def test_inductor_compiled_cascade_matches_eager():
     """The default backend (inductor): all exits and real early exit within 1e-4 of eager."""
     torch._dynamo.reset()
-    model = small_cascade(2)
+    model = spread_cascade(img_size=IMG, seed=2)
     cascade = CompiledCascade(model)
     x = torch.randn(8, 3, IMG, IMG)
     thresholds = spread_thresholds(model, x)

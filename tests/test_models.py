@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from golden import GOLDEN_DIR, VARIANTS, golden_input, golden_state_dict, load_expected, load_manifest
+from helpers import spread_cascade, spread_thresholds
 from models.dvt import to_original_state_dict
 from utils.budget.flops import exit_gflops
 from utils.checkpoint.files import atomic_save, load_checkpoint_file
@@ -312,26 +313,6 @@ def test_images_of_another_size_are_refused_clearly(shape):
             model.forward_early_exit(torch.zeros(shape), [0.5, 0.5, 0.0])
 
 
-def spread_cascade(images: torch.Tensor):
-    """DVT_tiny with one block per stage at 32 pixels, its heads scaled so confidences spread,
-    and thresholds that send a share of ``images`` out at each exit. Each threshold lies in the
-    middle of the widest gap between the confidences of the middle third, so the rounding of
-    kernels at another batch size moves no image to another exit."""
-    torch.manual_seed(0)
-    model = timm.create_model("DVT_tiny", img_size=32, depth=1, num_classes=5).eval()
-    with torch.no_grad():
-        for stage in model.stages:
-            stage.head.weight.mul_(30.0)
-        conf = torch.stack(model(images)).softmax(-1).amax(-1)  # (exits, B)
-
-    def in_widest_gap(c: torch.Tensor) -> float:
-        c = c.sort().values[len(c) // 3: 2 * len(c) // 3 + 1]
-        i = int((c[1:] - c[:-1]).argmax())
-        return float(c[i] + c[i + 1]) / 2
-
-    return model, torch.tensor([in_widest_gap(conf[0]), in_widest_gap(conf[1]), -1e8])
-
-
 def recording(steps, calls: list):
     """``steps`` that record (stage, samples) at each call."""
     return [lambda x, *carry, k=k, step=step: calls.append((k, x.shape[0])) or step(x, *carry)
@@ -345,7 +326,8 @@ def test_queued_early_exit_answers_each_batch_as_forward_early_exit(queue):
     (default: the batch size) gathered across batches, and only the end of the stream runs
     them on fewer."""
     x = torch.randn(23, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model, thresholds = spread_cascade(x)
+    model = spread_cascade()
+    thresholds = spread_thresholds(model, x)
     batches, calls = x.split(5), []
     outs = list(model.queued_early_exit(batches, thresholds, queue=queue, steps=recording(model.exit_steps(), calls)))
     assert [o.logits.shape for o in outs] == [(len(b), 5) for b in batches]
@@ -368,7 +350,8 @@ def test_queued_early_exit_answers_as_soon_as_a_batch_is_done():
     """Batches whose samples all leave at the first exit are answered before the next batch
     is read; an empty stream gives nothing; bad thresholds and queues are refused."""
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model, thresholds = spread_cascade(x)
+    model = spread_cascade()
+    thresholds = spread_thresholds(model, x)
     read = []
 
     def batches():

@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
+from helpers import spread_cascade, spread_thresholds  # noqa: E402
 import models  # noqa: E402
 from models.deploy_onnx import export_onnx_stages  # noqa: E402
 from utils.errors import CheckpointError, ConfigError  # noqa: E402
@@ -37,31 +38,6 @@ FLOPS = [0.01, 0.03, 0.07]
 INSTALL_LINE = "pip install -r requirements-deploy.txt"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def seeded(name: str, img_size: int, num_classes: int, head_scale: float = 30.0) -> models.DVT:
-    """One block per stage, heads scaled up so that the confidences spread out."""
-    torch.manual_seed(0)
-    model = models.build_dvt(name, img_size=img_size, depth=1, num_classes=num_classes)
-    with torch.no_grad():
-        for stage in model.stages:
-            stage.head.weight.mul_(head_scale)
-    return model.eval()
-
-
-def spread_thresholds(model: models.DVT, x: torch.Tensor) -> torch.Tensor:
-    """Thresholds half-way between neighbouring confidences (so rounding cannot move an image
-    across) that stop about a third of ``x`` at exit 1 and half of the rest at exit 2."""
-    with torch.no_grad():
-        conf = torch.stack(model(x)).softmax(dim=-1).amax(dim=-1)  # (E, B)
-
-    def cut(values: torch.Tensor, share: float) -> float:
-        v = values.sort(descending=True).values
-        n = max(1, min(len(v) - 1, round(share * len(v))))
-        return float(v[n - 1] + v[n]) / 2
-
-    t0 = cut(conf[0], 1 / 3)
-    return torch.tensor([t0, cut(conf[1][conf[0] < t0], 0.5), -1e8])
 
 
 def assert_same_early_exit(got, want) -> None:
@@ -82,7 +58,7 @@ def exported(tmp_path_factory) -> tuple[Path, models.DVT, dict]:
     """DVT_tiny (32 px, one block a stage) saved as a checkpoint with class names, GFLOPs and a
     budget table, exported through the command line: (folder, model, checkpoint)."""
     root = tmp_path_factory.mktemp("onnx")
-    model = seeded("DVT_tiny", IMG, len(CLASSES))
+    model = spread_cascade("DVT_tiny", IMG, len(CLASSES))
     checkpoint = {"model": model.state_dict(), "model_name": "DVT_tiny",
                   "model_kwargs": {"num_classes": len(CLASSES), "img_size": IMG, "depth": 1},
                   "class_names": list(CLASSES), "flops": FLOPS, **budget_table()}
@@ -194,7 +170,7 @@ def test_inference_predict_runs_in_onnx_runtime(exported, tmp_path, capsys):
 def test_t2t_stages_export_and_early_exit_matches(tmp_path):
     """A T2T cascade (soft splits, Performer) at 64 px: the same exits, classes and confidences
     on 200 images."""
-    model = seeded("DVT_T2t_vit_12", 64, 5, head_scale=3.0)  # its confidences on noise are close together
+    model = spread_cascade("DVT_T2t_vit_12", 64, 5, head_scale=3.0)  # its confidences on noise are close together
     x = torch.randn(200, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     paths = export_onnx_stages(model, x[:2], tmp_path)
     steps = load_steps(paths, providers=["cpu"], threads=1)
