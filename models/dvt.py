@@ -9,7 +9,6 @@ over a stream of batches, each later stage on full batches of such samples.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from functools import partial
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
@@ -660,19 +659,14 @@ class DVT(nn.Module):
             steps: as in :meth:`forward_early_exit`.
         """
         steps = self._checked_steps(steps)
-        checked: list[torch.Tensor] = []
+        thresholds = self._checked_thresholds(thresholds, torch.device("cpu"))  # before any batch is read
 
         def images() -> Iterator[torch.Tensor]:
             for x in batches:
                 self._check_images(x)
-                if not checked:
-                    checked.append(self._checked_thresholds(thresholds, x.device))
                 yield x
 
-        stream = images()
-        first = next(stream, None)
-        if first is not None:
-            yield from queued_early_exit(steps, itertools.chain((first,), stream), checked[0], queue)
+        yield from queued_early_exit(steps, images(), thresholds, queue)
 
     def _checked_steps(self, steps: Optional[Sequence[Callable]]) -> Sequence[Callable]:
         steps = self.exit_steps() if steps is None else steps
@@ -799,7 +793,8 @@ def queued_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], 
         raise ValueError(f"queue must be at least 1, got {queue}")
     queues = None
     for i, x in enumerate(batches):
-        queues = queues or _ExitQueues(steps, thresholds, x.shape[0] if queue is None else queue)
+        if queues is None:  # the first batch gives the device, and the queue unless it is set
+            queues = _ExitQueues(steps, thresholds.to(x.device), x.shape[0] if queue is None else queue)
         queues.run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x,
                    batch=i)
         yield from queues.answered()
