@@ -62,7 +62,7 @@ class Attention(nn.Module):
         """
         B, N, C = x.shape
         H, D = self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
+        qkv = run_linear(self.qkv, x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
         logits = None
         if self.fused_attn and not return_logits and fused_attention_is_faster(qkv, bias):
             q, k, v = qkv.unbind(0)
@@ -85,7 +85,7 @@ class Attention(nn.Module):
             attn = self.attn_drop(logits.softmax(dim=-1))
             x = torch.bmm(attn, v).view(B, H, N, D).transpose(1, 2).reshape(B, N, C)
             logits = logits.view(B, H, N, N)
-        x = self.proj_drop(self.proj(x))
+        x = self.proj_drop(run_linear(self.proj, x))
         return x, (logits if return_logits else None)
 
 
@@ -169,8 +169,53 @@ class Block(nn.Module):
         y, logits = self.attn(self.norm1(x), bias=bias, return_logits=return_logits, consume_bias=consume_bias)
         x = x + self.drop_path(y)
         h = x if reused is None else torch.cat((x, reused.to(x.dtype)), dim=-1)  # (B, N, C + reuse_dim)
-        x = x + self.drop_path(self.mlp(self.norm2(h)))
+        x = x + self.drop_path(self._mlp(self.norm2(h)))
         return x, logits
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        if (not m.training and isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+                and isinstance(m.norm, nn.Identity) and _plain(m.fc1) and _plain(m.fc2)
+                and fused_inference(h, m.fc1.weight)):
+            return inference_linear(inference_linear(h, m.fc1.weight, m.fc1.bias, gelu=True), m.fc2.weight, m.fc2.bias)
+        return m(h)
+
+
+def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     gelu: bool = False) -> torch.Tensor:
+    """``F.linear`` (then exact GELU when ``gelu``) for inference: on the CPU in float32 or
+    bfloat16, one oneDNN product with the bias (and the GELU) applied as it writes its result,
+    instead of a pass that copies the bias into the output and another for the GELU. Elsewhere,
+    and where torch lacks the fused kernel, the plain operations. No gradients."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _HAS_FUSED_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a block's linear layers run as :func:`inference_linear`: bfloat16 inference on
+    the CPU, where fusing the bias and the GELU makes a DeiT-S block 4-14% faster (2 cores,
+    AMX). In float32 the plain products are as fast or faster, so they stay."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and x.device.type == "cpu" and _HAS_FUSED_LINEAR
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def _plain(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (not a subclass or a wrapper) with no hooks: replacing its call
+    by the fused product changes nothing but speed."""
+    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, as :func:`inference_linear` where :func:`fused_inference` allows it."""
+    if not layer.training and _plain(layer) and fused_inference(x, layer.weight):
+        return inference_linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 @lru_cache(maxsize=None)
@@ -212,19 +257,43 @@ class GridResample(nn.Module):
         # torch.empty follows the default device (e.g. meta); copy_ fills it where it has storage.
         self.register_buffer("axis_matrix", torch.empty(axis.shape).copy_(axis), persistent=False)
         self.register_buffer("token_matrix", torch.empty(full.shape).copy_(full), persistent=False)
+        # The same map as rows of at most k weighted source tokens (k = 4 here: two per axis).
+        k = int((full != 0).sum(1).max())
+        index, weight = torch.zeros(full.shape[0], k, dtype=torch.long), torch.zeros(full.shape[0], k)
+        for i, row in enumerate(full):
+            (nz,) = row.nonzero(as_tuple=True)
+            index[i, :len(nz)], weight[i, :len(nz)] = nz, row[nz].float()  # padding: token 0, weight 0
+        self.register_buffer("row_index", torch.empty(index.shape, dtype=torch.long).copy_(index), persistent=False)
+        self.register_buffer("row_weight", torch.empty(weight.shape).copy_(weight), persistent=False)
 
     def extra_repr(self) -> str:
         return f"{self.src}x{self.src} -> {self.dst}x{self.dst}"
 
-    def forward(self, x: torch.Tensor, relations: bool = False) -> torch.Tensor:
+    def relation_bags(self, maps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and weights that resample the query axis of ``maps`` relation maps stacked as
+        rows (``forward(..., bags=)``): (maps * N, k) each, N = dst^2 + 1."""
+        n, k = self.src * self.src + 1, self.row_index.shape[1]
+        index = self.row_index + n * torch.arange(maps, device=self.row_index.device)[:, None, None]
+        return index.view(-1, k), self.row_weight.to(dtype).repeat(maps, 1)
+
+    def forward(self, x: torch.Tensor, relations: bool = False,
+                bags: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Args:
             x: patch tokens (B, src*src, C) -> (B, dst*dst, C); or, with ``relations``,
                 relation maps (B, H, src^2 + 1, src^2 + 1) -> (B, H, dst^2 + 1, dst^2 + 1), contiguous.
+            bags: ``relation_bags(B * H, x.dtype)``: the query axis is then resampled as weighted
+                sums of k rows each (``F.embedding_bag``) instead of a dense product with 25 times
+                the multiply-adds; same values up to rounding.
         """
         if relations:
             m = self.token_matrix.to(x.dtype)
             # The right product first: it folds into one large GEMM over every map.
-            return m @ (x @ m.transpose(0, 1))
+            y = x @ m.transpose(0, 1)
+            if bags is None:
+                return m @ y
+            B, H, n, N = y.shape
+            return F.embedding_bag(bags[0], y.view(B * H * n, N), per_sample_weights=bags[1],
+                                   mode="sum").view(B, H, N, N)
         B, _, C = x.shape
         a = self.axis_matrix.to(x.dtype)
         x = x.reshape(B, self.src, self.src, C)

@@ -328,11 +328,23 @@ def _stage_parts(model, x: torch.Tensor, prev: list) -> dict[str, Callable[[], o
             # every block's bias built (in eager inference they are resampled block by block)
             parts[f"stage {k + 1} relation reuse"] = (lambda s, p: lambda: list(s._relation_biases(p.relations)))(
                 stage, prev[k])
+            if x.device.type == "cpu":  # side by side: the reference products
+                parts[f"stage {k + 1} relation reuse, reference products"] = (
+                    lambda s, p: lambda: _reference_biases(s, p.relations))(stage, prev[k])
         if stage.feature_reuse:  # what the stage runs: every block's at once in eager inference
             parts[f"stage {k + 1} feature reuse"] = (lambda s, p: lambda: s._all_reused_features(p.tokens) if
                                                      s._batched_reuse() else [s._reused_features(b, p.tokens)
                                                                               for b in s.blocks])(stage, prev[k])
     return parts
+
+
+def _reference_biases(stage, relations) -> list:
+    """A stage's relation biases on the reference products (``cpu_kernels`` off for the call)."""
+    kept, stage.cpu_kernels = stage.cpu_kernels, False
+    try:
+        return list(stage._relation_biases(relations))
+    finally:
+        stage.cpu_kernels = kept
 
 
 # The static model each cascade is timed against at matched accuracy (``--early-exit``).

@@ -49,6 +49,8 @@ def test_fused_and_explicit_attention_count_the_same(reuse):
     explicit = exit_gflops(model, img_size=224)
     assert fused == explicit
 
+    for stage in model.stages:  # the reference relation products: torch's counter has no formula for the fused ones
+        stage.cpu_kernels = False
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, 3, 224, 224))

@@ -256,6 +256,90 @@ def test_relation_reuse_batched_and_per_sample_agree(chunk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("src,dst", [(7, 10), (10, 14), (14, 7), (4, 6), (3, 3)])
+def test_sparse_relation_resampling_equals_the_dense_product(src, dst):
+    """The query axis resampled as weighted sums of rows gives the dense product's values."""
+    from models.layers import GridResample
+    g = GridResample(src, dst)
+    n = src * src + 1
+    if (src, dst) in ((7, 10), (10, 14)):
+        assert g.row_index.shape[1] == 4  # two source cells per axis
+    x = torch.randn(2, 3, n, n, generator=torch.Generator().manual_seed(0))
+    dense = g(x, relations=True)
+    sparse = g(x, relations=True, bags=g.relation_bags(6, x.dtype))
+    assert sparse.shape == dense.shape == (2, 3, dst * dst + 1, dst * dst + 1)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
+    half = g(x.bfloat16(), relations=True, bags=g.relation_bags(6, torch.bfloat16))
+    torch.testing.assert_close(half.float(), dense, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_relation_kernels_equal_the_reference_products(dtype):
+    """CPU inference (positions as rows of fused products, sparse resampling, default and
+    uneven chunks) answers as the reference products (``cpu_kernels = False``)."""
+    torch.manual_seed(0)
+    model = small_t2t().eval().to(dtype)
+    x = torch.randn(3, 3, 224, 224).to(dtype)
+    with torch.no_grad():
+        fast = model(x)
+        for stage in model.stages:
+            stage.relation_chunk = 2
+        chunked = model(x)
+        for stage in model.stages:
+            stage.cpu_kernels, stage.relation_chunk = False, None
+        reference = model(x)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.1)
+    for a, b, c in zip(fast, chunked, reference):
+        torch.testing.assert_close(a.float(), c.float(), **tol)
+        torch.testing.assert_close(b.float(), c.float(), **tol)
+    assert fast[-1].float().std() > 0.1  # not an answer that any path would give
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_linear_without_the_fused_kernel(monkeypatch, dtype):
+    """The fused oneDNN product and the plain linear (+ exact GELU) it stands for agree."""
+    import models.layers as layers
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((37, 24), (40, 24), (40,)))
+    fused = [layers.inference_linear(x, w, b, gelu=g) for g in (False, True)]
+    monkeypatch.setattr(layers, "_HAS_FUSED_LINEAR", False)
+    plain = [layers.inference_linear(x, w, b, gelu=g) for g in (False, True)]
+    torch.testing.assert_close(plain[0], F.linear(x, w, b))
+    torch.testing.assert_close(plain[1], F.gelu(F.linear(x, w, b)))
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=5e-2)
+    for a, c in zip(fused, plain):
+        torch.testing.assert_close(a.float(), c.float(), **tol)
+
+
+def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monkeypatch):
+    """bfloat16 CPU inference runs a block's linear layers as fused products (same answer as the
+    plain layers); a hooked layer, float32 and gradients keep the plain call."""
+    import models.layers as layers
+    torch.manual_seed(0)
+    block = layers.Block(64, 2, qkv_bias=True).eval().bfloat16()
+    x = torch.randn(3, 17, 64).bfloat16()
+    calls = []
+    real = layers.inference_linear
+    monkeypatch.setattr(layers, "inference_linear", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
+    with torch.no_grad():
+        fused = block(x)[0]
+        assert sorted(calls) == [False, False, False, True]  # qkv, proj, fc2; fc1 with its GELU
+        calls.clear()
+        block.float()(x.float())
+        assert not calls
+        block.bfloat16()
+    seen = []
+    handle = block.attn.qkv.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        block(x)
+    handle.remove()
+    assert seen == [1] and sorted(calls) == [False, False, True]
+    calls.clear()
+    plain = block(x)[0]  # gradients on
+    assert not calls
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("name", ["DVT_tiny", "DVT_T2t_vit_12"])
 def test_inference_relation_biases_equal_the_training_path(name):
     """Eager inference builds each block's relation bias when the block runs and accumulates the

@@ -24,7 +24,8 @@ from .choice import as_plain
 
 def counting_copy(model: nn.Module) -> nn.Module:
     """A float32 copy of ``model`` on the CPU, in eval mode, with every attention set to its
-    explicit path (``fused_attn = False``). Its parameters and buffers are zeros of the same
+    explicit path (``fused_attn = False``) and every stage's relation reuse on its reference
+    products (``cpu_kernels = False``). Its parameters and buffers are zeros of the same
     shapes: the model's own values are neither needed nor copied.
 
     Args:
@@ -38,6 +39,8 @@ def counting_copy(model: nn.Module) -> nn.Module:
     for m in clone.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
+        if hasattr(m, "cpu_kernels"):
+            m.cpu_kernels = False
     return clone.eval()
 
 
