@@ -187,22 +187,34 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     bfloat16, one oneDNN product with the bias (and the GELU) applied as it writes its result,
     instead of a pass that copies the bias into the output and another for the GELU. Elsewhere,
     and where torch lacks the fused kernel, the plain operations. No gradients."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _HAS_FUSED_LINEAR:
+    if x.device.type == "cpu" and fused_linear_works(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
 
-_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@lru_cache(maxsize=None)
+def fused_linear_works(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU run oneDNN's fused linear in ``dtype`` (float32 or bfloat16),
+    tried once on a tiny product: bfloat16 has no oneDNN kernel on a CPU without AVX-512
+    (or with oneDNN capped to AVX2), and torch may be built without oneDNN."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.ones(2, 4, dtype=dtype), torch.ones(3, 4, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(x, w, torch.zeros(3, dtype=dtype), "gelu", [], "none")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a block's linear layers run as :func:`inference_linear`: bfloat16 inference on
     the CPU, where fusing the bias and the GELU makes a DeiT-S block 4-14% faster (2 cores,
     AMX). In float32 the plain products are as fast or faster, so they stay."""
-    return (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and x.device.type == "cpu" and _HAS_FUSED_LINEAR
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    return (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused_linear_works(x.dtype))
 
 
 def _plain(layer: nn.Module) -> bool:

@@ -302,7 +302,7 @@ def test_inference_linear_without_the_fused_kernel(monkeypatch, dtype):
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((37, 24), (40, 24), (40,)))
     fused = [layers.inference_linear(x, w, b, gelu=g) for g in (False, True)]
-    monkeypatch.setattr(layers, "_HAS_FUSED_LINEAR", False)
+    monkeypatch.setattr(layers, "fused_linear_works", lambda dtype: False)
     plain = [layers.inference_linear(x, w, b, gelu=g) for g in (False, True)]
     torch.testing.assert_close(plain[0], F.linear(x, w, b))
     torch.testing.assert_close(plain[1], F.gelu(F.linear(x, w, b)))
@@ -321,9 +321,10 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     calls = []
     real = layers.inference_linear
     monkeypatch.setattr(layers, "inference_linear", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
+    works = layers.fused_linear_works(torch.bfloat16)  # no bf16 kernel in oneDNN without AVX-512
     with torch.no_grad():
         fused = block(x)[0]
-        assert sorted(calls) == [False, False, False, True]  # qkv, proj, fc2; fc1 with its GELU
+        assert sorted(calls) == ([False, False, False, True] if works else [])  # qkv, proj, fc2; fc1 + GELU
         calls.clear()
         block.float()(x.float())
         assert not calls
@@ -333,7 +334,7 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     with torch.no_grad():
         block(x)
     handle.remove()
-    assert seen == [1] and sorted(calls) == [False, False, True]
+    assert seen == [1] and sorted(calls) == ([False, False, True] if works else [])
     calls.clear()
     plain = block(x)[0]  # gradients on
     assert not calls
