@@ -19,6 +19,26 @@ from utils.checkpoint.files import load_checkpoint_file
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_progress_bars_start_no_thread():
+    """A plain tqdm bar starts tqdm's monitor thread; made just before a loader forks its workers,
+    that thread can leave a worker locked inside ``os.fork`` on Python 3.11 (a two-process training
+    run hung so, its worker waiting for the interpreter's thread-list lock). The project's bars
+    start no thread, shown or not; a plain bar in the same fresh interpreter does."""
+    code = ("import threading\n"
+            "from tqdm._monitor import TMonitor\n"
+            "from tqdm.auto import tqdm\n"
+            "from utils.run.progress import ProgressBar\n"
+            "def monitors(): return sum(isinstance(t, TMonitor) for t in threading.enumerate())\n"
+            "for disable in (True, False):\n"
+            "    for _ in ProgressBar(range(3), disable=disable): pass\n"
+            "mine = monitors()\n"
+            "bar = tqdm(range(3), disable=True)\n"
+            "print(mine, monitors())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["0", "1"], out.stdout + out.stderr
+
+
 def test_sigterm_during_the_scan_stops_at_once(small_data, tmp_path, capsys, monkeypatch):
     import utils.data.scan as scan
 

@@ -9,9 +9,9 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..precision import autocast_context
+from ..run.progress import ProgressBar
 
 
 @torch.no_grad()
@@ -156,7 +156,7 @@ def exit_batches(
     """
     model.eval()
     warm = not (timed and len(early_thresholds))
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    for images, targets in ProgressBar(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp_dtype):

@@ -23,9 +23,9 @@ from itertools import islice
 from typing import Callable, Iterator, Optional, Sequence
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from ..run.distributed import DistEnv, all_gather_objects, broadcast_object, on_rank_zero
+from ..run.progress import ProgressBar
 from .classifier import DVTClassifier, Prediction
 from .output import PredictionSummary, PredictionWriter, output_format
 from .resume import KeptRows, check_continues, finish, kept_rows, open_partial, partial_path
@@ -185,7 +185,7 @@ def _write(clf: DVTClassifier, loader: DataLoader, env: DistEnv, rounds: Optiona
         target = None if opts.output is None else partial_path(opts.output)
         append = opts.output is not None and open_partial(opts.output, kept)
         writer = PredictionWriter(target, opts.topk, fmt, append)
-    bar = tqdm(unit="img", desc="predict", disable=not opts.progress, leave=False, file=sys.stderr)
+    bar = ProgressBar(unit="img", desc="predict", disable=not opts.progress, leave=False, file=sys.stderr)
     with writer as out, bar:
         for rows in _rounds(clf, loader, env, rounds, opts.topk):
             if out is not None:

@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..budget.stats import ExitStatsAccumulator, exit_batches
 from ..budget.thresholds import budget_curve
@@ -22,6 +21,7 @@ from ..checkpoint.weights import unwrap_model
 from ..data.images import check_bad_fraction
 from ..precision import autocast_context
 from ..run.distributed import DistEnv, all_gather_objects, all_reduce_
+from ..run.progress import ProgressBar
 from ..run.signals import StopSignal
 from .guard import StepGuard, scaler_scale, scaler_skipped
 from .rng import STREAM_STEP, derive_seed, seed_all
@@ -229,7 +229,7 @@ def train_one_epoch(
     model.train()
     step, interrupted, samples, bad_images = start_step, False, 0, 0
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {epoch}", disable=not ctx.progress,
+    bar = ProgressBar(total=total_steps, initial=start_step, desc=f"train {epoch}", disable=not ctx.progress,
                leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(loader, start=start_step):
         num_updates, batch = _train_step(model, plain, ctx, meter, images, targets, epoch, step, num_updates)
