@@ -239,40 +239,16 @@ class DVTStage(nn.Module):
         twelve of each. Same multiply-adds; equal up to rounding."""
         mlps = [block.feature_reuse_mlp for block in self.blocks]
         norm, hidden, reuse = mlps[0][0], mlps[0][1].fc1.out_features, mlps[0][1].fc2.out_features
-        w1, b1, w2, b2 = self._folded_reuse_weights(tokens.dtype)
+        w1 = torch.cat([m[1].fc1.weight.float() * m[0].weight.float() for m in mlps]).to(tokens.dtype)
+        b1 = torch.cat([(m[1].fc1.weight.float() * m[0].bias.float()).sum(-1) + m[1].fc1.bias.float()
+                        for m in mlps]).to(tokens.dtype)
         h = mlps[0][1].act(F.linear(F.layer_norm(tokens, norm.normalized_shape, eps=norm.eps), w1, b1))
         B, T, _ = h.shape  # (B, n + 1, depth * hidden)
+        w2 = torch.stack([m[1].fc2.weight for m in mlps]).transpose(1, 2)  # (depth, hidden, reuse)
+        b2 = torch.stack([m[1].fc2.bias for m in mlps])[:, None]  # (depth, 1, reuse)
         f = torch.baddbmm(b2.to(h.dtype), h.view(B * T, self.depth, hidden).transpose(0, 1), w2.to(h.dtype))
         f = f.view(self.depth, B, T, reuse)[:, :, 1:].permute(1, 2, 0, 3).reshape(B, T - 1, self.depth * reuse)
         return F.pad(self.resample(f), (0, 0, 1, 0))  # zeros at the class token
-
-    def _folded_reuse_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """The weights :meth:`_all_reused_features` multiplies by, in ``dtype``: the first layers
-        with the LayerNorm's affine folded in, (depth * hidden, C) and (depth * hidden,), the
-        second layers stacked, (depth, hidden, reuse) and (depth, 1, reuse). Folding them costs
-        a few milliseconds, so they are kept until a parameter they come from changes (new
-        values, a load, a cast or a move: its storage or version differs); the entry holds the
-        parameters' storages, so none can be reused by another tensor while it is kept."""
-        mlps = [block.feature_reuse_mlp for block in self.blocks]
-        params = [p for m in mlps for p in (m[0].weight, m[0].bias, m[1].fc1.weight, m[1].fc1.bias,
-                                            m[1].fc2.weight, m[1].fc2.bias)]
-        try:
-            versions = tuple(p._version for p in params)
-        except RuntimeError:  # parameters made under inference mode carry no version: fold every time
-            versions = None
-        entry = self.__dict__.get("_reuse_fold")
-        if (versions is None or entry is None or entry[1] != versions or entry[2] != dtype
-                or any(a.data_ptr() != p.data_ptr() for a, p in zip(entry[0], params))):
-            w1 = torch.cat([m[1].fc1.weight.float() * m[0].weight.float() for m in mlps])
-            b1 = torch.cat([(m[1].fc1.weight.float() * m[0].bias.float()).sum(-1) + m[1].fc1.bias.float()
-                            for m in mlps])
-            w2 = torch.stack([m[1].fc2.weight for m in mlps]).transpose(1, 2)  # (depth, hidden, reuse)
-            b2 = torch.stack([m[1].fc2.bias for m in mlps])[:, None]  # (depth, 1, reuse)
-            entry = (tuple(p.detach() for p in params), versions, dtype,
-                     tuple(t.detach().to(dtype) for t in (w1, b1, w2, b2)))
-            if versions is not None:
-                self.__dict__["_reuse_fold"] = entry
-        return entry[3]
 
     def _run(self, fn: Callable, *args):
         """``fn(*args)``; with gradient checkpointing its activations are recomputed in the

@@ -256,43 +256,6 @@ def test_relation_reuse_batched_and_per_sample_agree(chunk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_folded_feature_reuse_weights_follow_the_parameters():
-    """Inference folds the feature-reuse MLPs' weights once and keeps them: a second call uses the
-    kept ones, and any change to a parameter they come from (in-place values, a load, a cast) is
-    seen at the next call, as a model that never kept them computes it."""
-    import copy
-    torch.manual_seed(0)
-    model = small_t2t().eval()
-    x = torch.randn(2, 3, 224, 224)
-
-    def fresh(m):  # the same weights, nothing kept
-        m = copy.deepcopy(m)
-        for stage in m.stages:
-            stage.__dict__.pop("_reuse_fold", None)
-        return m(x)
-
-    with torch.no_grad():
-        first = model(x)
-        kept = [stage.__dict__["_reuse_fold"][3] for stage in model.stages[1:]]
-        again = model(x)
-        assert all(stage.__dict__["_reuse_fold"][3] is k for stage, k in zip(model.stages[1:], kept))
-        for a, b in zip(first, again):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-        model.stages[2].blocks[0].feature_reuse_mlp[0].weight.mul_(3.0)  # in place: a new version
-        changed = model(x)
-        assert not torch.equal(changed[2], first[2])
-        for a, b in zip(changed, fresh(model)):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-        other = small_t2t().eval()
-        model.load_state_dict(other.state_dict())
-        for a, b in zip(model(x), other(x)):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-        model.to(torch.bfloat16)
-        low = model(x.bfloat16())
-        for a, b in zip(low, fresh(model)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("src,dst", [(7, 10), (10, 14), (14, 7), (4, 6), (3, 3)])
 def test_sparse_relation_resampling_equals_the_dense_product(src, dst):
     """The query axis resampled as weighted sums of rows gives the dense product's values."""
