@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from fake_data import make_image_folder
 from helpers import REPO, SUBPROCESS_ENV, child_pids, quick_args, run_main
@@ -37,6 +38,35 @@ def test_progress_bars_start_no_thread():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["0", "1"], out.stdout + out.stderr
+
+
+class _StuckAfterFirst(torch.utils.data.Dataset):
+    """Sample 0 at once; any other never returns (a worker stuck in a sample)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i:
+            time.sleep(3600)
+        return torch.zeros(1)
+
+
+def test_close_loaders_ends_a_worker_stuck_in_a_sample():
+    """The workers ignore SIGTERM, so one busy in a sample that never returns outlives torch's
+    shutdown (which ends with SIGTERM), and the interpreter's exit would wait for it for ever
+    after the run's work is done. close_loaders kills it."""
+    from utils.data.loader import close_loaders, make_loader
+    loader = make_loader(_StuckAfterFirst(), None, batch_size=1, workers=1)
+    assert next(iter(loader)).shape == (1, 1)
+    worker = loader._iterator._workers[0]  # now in sample 1, fetched ahead
+    try:
+        close_loaders()
+        assert not worker.is_alive()
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def test_sigterm_during_the_scan_stops_at_once(small_data, tmp_path, capsys, monkeypatch):

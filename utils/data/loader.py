@@ -177,11 +177,17 @@ def close_loaders() -> None:
     """Stop the workers of every loader still open. A run that ends by an exception may leave
     a loader alive until the interpreter exits, which then terminates the workers with SIGTERM
     and waits for them; the workers ignore SIGTERM (:func:`utils.run.signals.worker_ignores_signals`), so the
-    process would never end. Shutting them down here ends them through their own queue."""
+    process would never end. Shutting them down here ends them through their own queue; a
+    worker that has not ended after that (busy in a sample that never returns, or locked
+    before it started) is killed, as nothing it holds is needed any more."""
     for loader in list(_OPEN_LOADERS):
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+            for worker in getattr(iterator, "_workers", ()):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=10)
         loader._iterator = None
     _OPEN_LOADERS.clear()
 
