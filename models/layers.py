@@ -175,8 +175,7 @@ class Block(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         m = self.mlp
         if (not m.training and isinstance(m.act, nn.GELU) and m.act.approximate == "none"
-                and isinstance(m.norm, nn.Identity) and _plain(m.fc1) and _plain(m.fc2)
-                and fused_inference(h, m.fc1.weight)):
+                and isinstance(m.norm, nn.Identity) and _fuses(m.fc1, h) and _fuses(m.fc2, h)):
             return inference_linear(inference_linear(h, m.fc1.weight, m.fc1.bias, gelu=True), m.fc2.weight, m.fc2.bias)
         return m(h)
 
@@ -223,9 +222,15 @@ def _plain(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
 
 
+def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer(x)`` may run as :func:`inference_linear`: a plain linear layer in eval
+    mode, in the inference :func:`fused_inference` allows."""
+    return not layer.training and _plain(layer) and fused_inference(x, layer.weight)
+
+
 def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``, as :func:`inference_linear` where :func:`fused_inference` allows it."""
-    if not layer.training and _plain(layer) and fused_inference(x, layer.weight):
+    """``layer(x)``, as :func:`inference_linear` where :func:`_fuses` allows it."""
+    if _fuses(layer, x):
         return inference_linear(x, layer.weight, layer.bias)
     return layer(x)
 

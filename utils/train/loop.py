@@ -230,7 +230,7 @@ def train_one_epoch(
     step, interrupted, samples, bad_images = start_step, False, 0, 0
     started = time.perf_counter()
     bar = ProgressBar(total=total_steps, initial=start_step, desc=f"train {epoch}", disable=not ctx.progress,
-               leave=False, dynamic_ncols=True)
+                      leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(loader, start=start_step):
         num_updates, batch = _train_step(model, plain, ctx, meter, images, targets, epoch, step, num_updates)
         samples += batch * env.world_size
