@@ -121,7 +121,8 @@ class DVTStage(nn.Module):
         self.resample = GridResample(prev_grid, grid) if prev_grid is not None else None
         self.relation_chunk: Optional[int] = None  # samples per relation-reuse step; None: by device
         # CPU inference: relation reuse on fused oneDNN products and sparse resampling (see
-        # _relation_biases); False keeps the reference products (what the FLOP counter counts).
+        # _relation_biases), reused features resampled sparsely too (_all_reused_features);
+        # False keeps the reference products (what the FLOP counter counts).
         self.cpu_kernels = True
         self.grad_checkpointing = False
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -170,23 +171,24 @@ class DVTStage(nn.Module):
                 maps = torch.cat([self._relation_conv(_sample_maps(relations, i, i + chunk))
                                   for i in range(0, B, chunk)])
             return self.resample(maps, relations=True).chunk(self.depth, dim=1)
-        maps = r0.new_empty(B, C, n, n)
         if r0.device.type == "cpu" and self.cpu_kernels:
             chunk = self.relation_chunk or max(1, 16384 // (n * n))  # about 10-16 thousand rows per product
+            maps = r0.new_empty(self.depth, B, heads, n, n)  # block-major: each block's maps are contiguous
             for start in range(0, B, chunk):
-                self._relation_conv_rows(relations, start, start + chunk, out=maps[start:start + chunk])
-            return BlockBiases(self.resample, maps, self.depth, sparse=True)
+                self._relation_conv_rows(relations, start, start + chunk, out=maps[:, start:start + chunk])
+            return BlockBiases(self.resample, maps, sparse=True)
+        maps = r0.new_empty(B, C, n, n)
         chunk = self.relation_chunk or (1 if r0.device.type == "cpu" else B)
         hidden = r0.new_empty(min(chunk, B), 3 * C, n * n)  # one buffer for every chunk: no fresh memory per chunk
         for start in range(0, B, chunk):
             self._relation_conv(_sample_maps(relations, start, start + chunk), out=maps[start:start + chunk],
                                 hidden=hidden)
-        return BlockBiases(self.resample, maps, self.depth)
+        return BlockBiases(self.resample, maps.view(B, self.depth, heads, n, n).transpose(0, 1))
 
     def _relation_conv_rows(self, relations: Sequence[torch.Tensor], start: int, stop: int,
                             out: torch.Tensor) -> None:
         """CPU inference: ``relation_reuse_conv`` on samples ``start:stop`` of the previous
-        stage's relations, written into ``out`` (b, C, n, n). The maps' positions are the rows
+        stage's relations, written into ``out`` (depth, b, heads, n, n). The maps' positions are the rows
         of two products (b * n * n, C) -> (b * n * n, 3C) -> (b * n * n, C), with the bias and
         the GELU fused into them (:func:`inference_linear`): on the CPU this runs about 1.3x
         (float32) to 2x (bfloat16) faster than the channels-as-rows products of
@@ -196,7 +198,7 @@ class DVTStage(nn.Module):
         conv1, conv2 = self.relation_reuse_conv[0], self.relation_reuse_conv[2]
         h = inference_linear(x.view(-1, C), conv1.weight.flatten(1).to(x.dtype), conv1.bias.to(x.dtype), gelu=True)
         y = inference_linear(h, conv2.weight.flatten(1).to(x.dtype), conv2.bias.to(x.dtype))
-        out.copy_(y.view(b, n, n, C).permute(0, 3, 1, 2))
+        out.copy_(y.view(b, n, n, self.depth, -1).permute(3, 0, 4, 1, 2))
 
     def _relation_conv(self, r: torch.Tensor, out: Optional[torch.Tensor] = None,
                        hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -248,7 +250,8 @@ class DVTStage(nn.Module):
         b2 = torch.stack([m[1].fc2.bias for m in mlps])[:, None]  # (depth, 1, reuse)
         f = torch.baddbmm(b2.to(h.dtype), h.view(B * T, self.depth, hidden).transpose(0, 1), w2.to(h.dtype))
         f = f.view(self.depth, B, T, reuse)[:, :, 1:].permute(1, 2, 0, 3).reshape(B, T - 1, self.depth * reuse)
-        return F.pad(self.resample(f), (0, 0, 1, 0))  # zeros at the class token
+        bags = self.resample.token_bags(B, f.dtype) if self.cpu_kernels and f.device.type == "cpu" else None
+        return F.pad(self.resample(f, bags=bags), (0, 0, 1, 0))  # zeros at the class token
 
     def _run(self, fn: Callable, *args):
         """``fn(*args)``; with gradient checkpointing its activations are recomputed in the
@@ -303,24 +306,24 @@ class BlockBiases(Sequence):
 
     Args:
         resample: the stage's :class:`GridResample`.
-        maps: (B, depth * heads, n, n) relation maps after ``relation_reuse_conv``.
-        depth: blocks of the stage.
+        maps: (depth, B, heads, n, n) relation maps after ``relation_reuse_conv``, block by
+            block. A block's maps are made contiguous before they are resampled: a product over
+            a strided slice runs as many small batched products (several times slower in bfloat16).
         sparse: resample the query axis as weighted sums of rows (:meth:`GridResample.relation_bags`,
             built once here for every block) instead of a dense product.
     """
 
-    def __init__(self, resample: GridResample, maps: torch.Tensor, depth: int, sparse: bool = False) -> None:
-        self.resample, self.maps, self.depth = resample, maps, depth
-        self.heads = maps.shape[1] // depth
-        self.bags = resample.relation_bags(maps.shape[0] * self.heads, maps.dtype) if sparse else None
+    def __init__(self, resample: GridResample, maps: torch.Tensor, sparse: bool = False) -> None:
+        self.resample, self.maps = resample, maps
+        self.bags = resample.relation_bags(maps.shape[1] * maps.shape[2], maps.dtype) if sparse else None
 
     def __len__(self) -> int:
-        return self.depth
+        return self.maps.shape[0]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if not 0 <= i < self.depth:
+        if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.resample(self.maps[:, i * self.heads:(i + 1) * self.heads], relations=True, bags=self.bags)
+        return self.resample(self.maps[i].contiguous(), relations=True, bags=self.bags)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -562,8 +565,8 @@ class DVT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every block, token embedding and relation-reuse path in the backward pass
-        instead of keeping their activations (timm convention). Outputs and gradients are unchanged; training memory drops, at the
-        cost of running the blocks' forward twice."""
+        instead of keeping their activations (timm convention). Outputs and gradients are
+        unchanged; training memory drops, at the cost of running the blocks' forward twice."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
 

@@ -293,14 +293,24 @@ class GridResample(nn.Module):
         index = self.row_index + n * torch.arange(maps, device=self.row_index.device)[:, None, None]
         return index.view(-1, k), self.row_weight.to(dtype).repeat(maps, 1)
 
+    def token_bags(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and weights that resample ``batch`` token maps stacked as rows
+        (``forward(..., bags=)``): (batch * dst^2, k) each."""
+        n, k = self.src * self.src, self.row_index.shape[1]
+        index = (self.row_index[1:] - 1).clamp(min=0)  # no class token; padding: token 0, weight 0
+        index = index + n * torch.arange(batch, device=index.device)[:, None, None]
+        return index.view(-1, k), self.row_weight[1:].to(dtype).repeat(batch, 1)
+
     def forward(self, x: torch.Tensor, relations: bool = False,
                 bags: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Args:
             x: patch tokens (B, src*src, C) -> (B, dst*dst, C); or, with ``relations``,
                 relation maps (B, H, src^2 + 1, src^2 + 1) -> (B, H, dst^2 + 1, dst^2 + 1), contiguous.
-            bags: ``relation_bags(B * H, x.dtype)``: the query axis is then resampled as weighted
-                sums of k rows each (``F.embedding_bag``) instead of a dense product with 25 times
-                the multiply-adds; same values up to rounding.
+            bags: ``relation_bags(B * H, x.dtype)`` for relations, ``token_bags(B, x.dtype)`` for
+                tokens: the (query) axis is then resampled as weighted sums of k rows each
+                (``F.embedding_bag``) instead of dense products (for relations, 25 times the
+                multiply-adds; for tokens, two products that run as many small ones); same values
+                up to rounding.
         """
         if relations:
             m = self.token_matrix.to(x.dtype)
@@ -312,6 +322,9 @@ class GridResample(nn.Module):
             return F.embedding_bag(bags[0], y.view(B * H * n, N), per_sample_weights=bags[1],
                                    mode="sum").view(B, H, N, N)
         B, _, C = x.shape
+        if bags is not None:
+            return F.embedding_bag(bags[0], x.reshape(B * self.src * self.src, C), per_sample_weights=bags[1],
+                                   mode="sum").view(B, self.dst * self.dst, C)
         a = self.axis_matrix.to(x.dtype)
         x = x.reshape(B, self.src, self.src, C)
         x = torch.einsum("ih,bhwc->biwc", a, x)  # (B, dst, src, C)

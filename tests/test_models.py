@@ -273,6 +273,22 @@ def test_sparse_relation_resampling_equals_the_dense_product(src, dst):
     torch.testing.assert_close(half.float(), dense, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("src,dst", [(7, 10), (10, 14), (14, 7), (4, 6), (3, 3)])
+def test_sparse_token_resampling_equals_the_dense_products(src, dst):
+    """Token maps resampled as weighted sums of source tokens give the two dense products'
+    values, every sample of the batch from its own tokens."""
+    from models.layers import GridResample
+    g = GridResample(src, dst)
+    x = torch.randn(3, src * src, 5, generator=torch.Generator().manual_seed(0))
+    dense = g(x)
+    sparse = g(x, bags=g.token_bags(3, x.dtype))
+    assert sparse.shape == dense.shape == (3, dst * dst, 5)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g(x[1:2], bags=g.token_bags(1, x.dtype)), dense[1:2], rtol=0, atol=1e-6)
+    half = g(x.bfloat16(), bags=g.token_bags(3, torch.bfloat16))
+    torch.testing.assert_close(half.float(), dense, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_relation_kernels_equal_the_reference_products(dtype):
     """CPU inference (positions as rows of fused products, sparse resampling, default and
