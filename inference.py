@@ -68,6 +68,7 @@ from utils.predict.job import PredictOptions, predict_files
 from utils.predict.output import PredictionSummary, output_format
 from utils.predict.resume import refuse_existing
 from utils.predict.sources import check_sources
+from utils.run.allocator import keep_freed_memory
 from utils.run.distributed import DistEnv, cleanup_distributed, join_launcher, launcher_rank, on_rank_zero
 from utils.run.inference_options import (
     DEFAULT_MODEL,
@@ -99,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every process refuses the same option
             print(f"error: {e}", file=sys.stderr)
         return 2
+    keep_freed_memory()  # large CPU batches without page faults (utils/run/allocator.py)
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     previous = signal.signal(signal.SIGINT, CTRL_C)
     CTRL_C.pid = os.getpid()
@@ -325,8 +327,8 @@ def predict_images(args: argparse.Namespace) -> None:
     net = clf.model
     names = ("from " + args.class_names if args.class_names else "the checkpoint's" if
              net.pretrained_cfg.get("label_names") else "ImageNet's (timm)" if clf.to_label else "none")
-    note(f"{net.model_name}: {net.num_exits} exits at {fmt_list(clf.flops)} GFLOPs, {net.img_size} px, {net.num_classes} "
-         f"classes (names: {names}); on {processes(env)}{runs_on}")
+    note(f"{net.model_name}: {net.num_exits} exits at {fmt_list(clf.flops)} GFLOPs, {net.img_size} px, "
+         f"{net.num_classes} classes (names: {names}); on {processes(env)}{runs_on}")
     note(clf.choice.describe())
     summary = PredictionSummary(clf.num_exits)
     options = PredictOptions(args.output, min(args.topk, net.num_classes), args.batch_size, args.workers, args.resume,

@@ -48,6 +48,7 @@ from utils.data.build import (
 from utils.data.images import SkipBadImages
 from utils.data.loader import ShardSampler, close_loaders, make_loader
 from utils.errors import CheckpointError, ConfigError, DataError, one_line
+from utils.run.allocator import keep_freed_memory
 from utils.run.config import resolved_config, write_config
 from utils.run.distributed import DistEnv, agreed_flags, cleanup_distributed, setup_distributed
 from utils.run.folder import BEST, CONFIG_FILE, LAST, RELEASED, claim_run_folder, run_folder
@@ -88,6 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    keep_freed_memory()  # large CPU batches without page faults (utils/run/allocator.py)
     handlers = setup_logging(rank == 0)
     env = None
     try:

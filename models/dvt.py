@@ -834,14 +834,13 @@ def queued_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], 
 
 
 class _ExitQueues:
-    """The state of :func:`queued_early_exit`: per stage, the samples waiting for it as chunks
-    (input batch number, position in that batch, image, *carry); per input batch not yet
-    answered, its results so far."""
+    """The state of :func:`queued_early_exit`: per later stage, the samples waiting for it
+    (:class:`_Waiting`); per input batch not yet answered, its results so far."""
 
     def __init__(self, steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], thresholds: torch.Tensor,
                  queue: int) -> None:
         self.steps, self.thresholds, self.queue = steps, thresholds, queue
-        self.waiting: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in steps]
+        self.waiting = [_Waiting(queue) for _ in steps]  # entry 0 unused: stage 1 runs on the input batches
         self.batches: dict[int, _Batch] = {}
         self.next_answer = 0
 
@@ -862,24 +861,25 @@ class _ExitQueues:
                 self.batches[b].fill(at.index_select(0, mine), out.index_select(0, mine), k,
                                      left_conf.index_select(0, mine))
         if leave.numel() < conf.numel():
-            stay = (~leave_mask).nonzero().squeeze(1)
-            self.wait(k + 1, tuple(t.index_select(0, stay) for t in (owner, pos, x, *rest)))
+            self.wait(k + 1, (owner, pos, x, *rest), (~leave_mask).nonzero().squeeze(1))
 
-    def wait(self, k: int, chunk: tuple[torch.Tensor, ...]) -> None:
-        """Queue samples for stage ``k``; run it on every full batch of them."""
-        self.waiting[k].append(chunk)
-        q = self.queue
-        while sum(c[0].numel() for c in self.waiting[k]) >= q:
-            parts = _joined(self.waiting[k])
-            self.waiting[k] = [tuple(t[q:] for t in parts)] if parts[0].numel() > q else []
-            self.run(k, *(t[:q] for t in parts))
+    def wait(self, k: int, parts: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
+        """Queue ``rows`` of ``parts`` (batch, position, x, *carry) for stage ``k``; run it each
+        time ``queue`` samples wait."""
+        waiting, done = self.waiting[k], 0
+        while done < rows.numel():
+            done += waiting.put(parts, rows[done:])
+            if waiting.count == self.queue:
+                waiting.count = 0  # stage k runs on the buffers before anything is put into them again
+                self.run(k, *waiting.buffers)
 
     def flush(self) -> None:
         """The stream has ended: every stage runs on what waits for it."""
         for k in range(1, len(self.steps)):
-            if self.waiting[k]:
-                parts, self.waiting[k] = _joined(self.waiting[k]), []
-                self.run(k, *parts)
+            waiting = self.waiting[k]
+            if waiting.count:
+                n, waiting.count = waiting.count, 0
+                self.run(k, *(t[:n] for t in waiting.buffers))
 
     def answered(self) -> Iterator[EarlyExitOutput]:
         """The results of the next batches in order, as long as they are complete."""
@@ -888,9 +888,25 @@ class _ExitQueues:
             self.next_answer += 1
 
 
-def _joined(chunks: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
-    """Waiting chunks (batch, position, x, *carry) as one."""
-    return [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*chunks)]
+class _Waiting:
+    """The samples waiting for one stage, gathered into buffers of ``queue`` rows allocated once
+    per stream: no fresh memory per batch (a queue of float32 relation maps is hundreds of MB,
+    and fresh memory of that size is page-faulted in again on every use)."""
+
+    def __init__(self, queue: int) -> None:
+        self.queue, self.count = queue, 0
+        self.buffers: tuple[torch.Tensor, ...] = ()
+
+    def put(self, parts: tuple[torch.Tensor, ...], rows: torch.Tensor) -> int:
+        """Gather as many of ``rows`` of ``parts`` as there is room for; returns how many."""
+        if not self.buffers:
+            self.buffers = tuple(t.new_empty((self.queue,) + t.shape[1:]) for t in parts)
+        rows = rows[:self.queue - self.count]
+        n = rows.numel()
+        for src, buf in zip(parts, self.buffers):
+            torch.index_select(src, 0, rows, out=buf[self.count:self.count + n])
+        self.count += n
+        return n
 
 
 # Key layout of the released checkpoints: fixed stage names and a misspelt module name.

@@ -447,6 +447,25 @@ def test_queued_early_exit_answers_each_batch_as_forward_early_exit(queue):
         assert sum(sizes) == int((exits >= k).sum())
 
 
+def test_queued_early_exit_gathers_the_waiting_samples_into_buffers_kept_for_the_stream():
+    """Each later stage runs on the same memory every time, its full runs and the end of the
+    stream alike (no fresh allocation per batch), with batches larger than the queue."""
+    x = torch.randn(23, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = spread_cascade()
+    thresholds = spread_thresholds(model, x)
+    seen = []
+    steps = [lambda xb, *carry, k=k, step=step: seen.append((k, xb.shape[0], xb.data_ptr(), carry[0].data_ptr()
+                                                             if carry else 0)) or step(xb, *carry)
+             for k, step in enumerate(model.exit_steps())]
+    outs = list(model.queued_early_exit(x.split(7), thresholds, queue=3, steps=steps))
+    with torch.no_grad():
+        want = model.forward_early_exit(x, thresholds)
+    assert torch.equal(torch.cat([o.exit_index for o in outs]), want.exit_index)
+    for k in (1, 2):
+        calls = [c for c in seen if c[0] == k]
+        assert len(calls) >= 3 and {c[2:] for c in calls} == {calls[0][2:]}
+
+
 def test_queued_early_exit_answers_as_soon_as_a_batch_is_done():
     """Batches whose samples all leave at the first exit are answered before the next batch
     is read; an empty stream gives nothing; bad thresholds and queues are refused."""

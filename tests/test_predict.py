@@ -442,6 +442,43 @@ def test_api_on_pil_images_paths_tensors_and_list_files(labelled, tmp_path):
     assert broken[0].error and broken[0].index is None and broken[1].index == expected[str(paths[0])][0]
 
 
+def test_stream_answers_each_batch_as_classify_with_the_later_stages_on_full_batches(labelled, tmp_path):
+    """classify_stream: one list of rows per batch, in order, equal to classify batch by batch,
+    batches of unreadable files alone included (first, between and last); stages 2 and 3 run
+    on ``queue`` images gathered across batches, fewer only at the end of the stream."""
+    from utils.predict.sources import ImageBatch
+    model = tiny_model()
+    paths = val_paths(labelled)
+    thresholds = spread_thresholds(exit_confidences(model, paths), 0.4, 0.5)
+    clf = DVTClassifier.from_checkpoint(project_checkpoint(tmp_path / "tiny.pth", model), thresholds=thresholds[:2])
+    images = torch.stack([clf.transform(Image.open(p).convert("RGB")) for p in paths])
+    names = [str(p) for p in paths]
+
+    def unreadable(*names):
+        return ImageBatch(images[:0], list(names), ["cannot read"] * len(names))
+
+    batches = [unreadable("a", "b"),
+               ImageBatch(images[:4], names[:2] + ["c"] + names[2:4], [None, None, "bad", None, None]),
+               ImageBatch(images[4:7], names[4:7], [None] * 3), unreadable("d"),
+               ImageBatch(images[7:], names[7:], [None] * 5), unreadable("e")]
+    calls = []
+    steps = clf.model.exit_steps
+    clf.model.exit_steps = lambda: [lambda x, *carry, k=k, step=step: calls.append((k, x.shape[0])) or step(x, *carry)
+                                    for k, step in enumerate(steps())]
+    streamed = list(clf.classify_stream(batches, topk=2, queue=3))
+    del clf.model.exit_steps
+    one_by_one = [clf.classify(*b, topk=2) for b in batches]
+    assert [[r.path for r in rows] for rows in streamed] == [[r.path for r in rows] for rows in one_by_one]
+    for got, want in zip(sum(streamed, []), sum(one_by_one, [])):
+        assert (got.index, got.exit, got.error, got.topk_index) == (want.index, want.exit, want.error, want.topk_index)
+        assert got.confidence == pytest.approx(want.confidence, abs=2e-6)
+    assert {r.exit for r in sum(streamed, [])} == {None, 1, 2, 3}
+    assert [n for k, n in calls if k == 0] == [4, 3, 5]
+    for k in (1, 2):
+        sizes = [n for stage, n in calls if stage == k]
+        assert sizes and sizes[:-1] == [3] * (len(sizes) - 1) and 1 <= sizes[-1] <= 3
+
+
 def test_image_paths_from_folders_lists_and_links(tmp_path):
     a = write_images(tmp_path / "top" / "a", 2)
     b = write_images(tmp_path / "top" / "b" / "deep", 1)

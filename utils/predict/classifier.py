@@ -20,14 +20,16 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from models.dvt import EarlyExitOutput
 from models.factory import guess_model
 
 from ..budget.choice import ThresholdChoice, choose_thresholds
@@ -38,7 +40,7 @@ from ..data.classes import attach_class_names, label_mapper
 from ..data.images import load_rgb, to_rgb
 from ..errors import one_line
 from ..precision import autocast_context, resolve_precision
-from .sources import check_sources, stream_batches
+from .sources import ImageBatch, check_sources, stream_batches
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,17 @@ class Prediction:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _checked_rows(images: torch.Tensor, paths: Optional[Sequence[Optional[str]]],
+                  errors: Optional[Sequence[Optional[str]]]) -> tuple[list, list]:
+    """The paths and errors of a batch's rows (defaults: None each, one row per image), checked
+    against its images."""
+    errors = list(errors) if errors is not None else [None] * images.shape[0]
+    paths = list(paths) if paths is not None else [None] * len(errors)
+    if sum(e is None for e in errors) != images.shape[0] or len(paths) != len(errors):
+        raise ValueError("classify: one path and one error entry per row, and one image per row without error")
+    return paths, errors
 
 
 def amp_dtype_of(amp: Optional[str | torch.dtype], device: torch.device) -> Optional[torch.dtype]:
@@ -199,13 +212,53 @@ class DVTClassifier:
                 error take the images in order (default: no errors, one row per image).
             topk: also give the k most probable classes.
         """
-        errors = list(errors) if errors is not None else [None] * images.shape[0]
-        paths = list(paths) if paths is not None else [None] * len(errors)
-        if sum(e is None for e in errors) != images.shape[0] or len(paths) != len(errors):
-            raise ValueError("classify: one path and one error entry per row, and one image per row without error")
+        paths, errors = _checked_rows(images, paths, errors)
+        out = None
         if images.shape[0]:
             with self.autocast():
                 out = self.model.forward_early_exit(images.to(self.device, non_blocking=True), self.thresholds)
+        return self._rows(out, paths, errors, topk)
+
+    @torch.no_grad()
+    def classify_stream(self, batches: Iterable[ImageBatch], topk: int = 0,
+                        queue: Optional[int] = None) -> Iterator[list[Prediction]]:
+        """:meth:`classify` on each batch of a stream, one list of rows per batch, in order, with
+        the later stages run on full batches: the images a batch sends on wait for those of the
+        next batches (``queued_early_exit`` of the model). A batch's rows come once all its
+        images have left; they are :meth:`classify`'s up to the rounding of kernels at another
+        batch size.
+
+        Args:
+            batches: :class:`~utils.predict.sources.ImageBatch` es (images, paths, errors).
+            topk: also give the k most probable classes.
+            queue: images a later stage waits for (default: the first batch's).
+        """
+        if not hasattr(self.model, "queued_early_exit"):  # one exit: nothing to queue
+            for batch in batches:
+                yield self.classify(batch.images, batch.paths, batch.errors, topk)
+            return
+        pending: deque[tuple[list, list]] = deque()  # the batches read, not yet answered
+
+        def images() -> Iterator[torch.Tensor]:
+            for batch in batches:
+                pending.append(_checked_rows(batch.images, batch.paths, batch.errors))
+                if batch.images.shape[0]:  # a batch of unreadable files alone is answered with the next
+                    yield batch.images.to(self.device, non_blocking=True)
+
+        outputs = self.model.queued_early_exit(images(), self.thresholds, queue)
+        while True:
+            with self.autocast():  # entered per step: the caller's code between batches runs without it
+                out = next(outputs, None)
+            while pending and (out is None or sum(e is None for e in pending[0][1]) == 0):
+                yield self._rows(None, *pending.popleft(), topk)
+            if out is None:
+                return
+            yield self._rows(out, *pending.popleft(), topk)
+
+    def _rows(self, out: Optional[EarlyExitOutput], paths: Sequence[Optional[str]],
+              errors: Sequence[Optional[str]], topk: int) -> list[Prediction]:
+        """One :class:`Prediction` per row: its error, or the next image's answer in ``out``."""
+        if out is not None:
             probs = out.logits.float().softmax(dim=-1).cpu()
             exits, confidence = out.exit_index.cpu().tolist(), out.confidence.cpu().tolist()
             index = probs.argmax(dim=-1).tolist()
@@ -251,8 +304,7 @@ class DVTClassifier:
         memory; ``workers`` loader processes read the images."""
         batches = stream_batches(check_sources(sources), self.transform, batch_size, workers,
                                  pin_memory=self.device.type == "cuda")
-        for batch in batches:
-            yield self.classify(batch.images, batch.paths, batch.errors, topk)
+        yield from self.classify_stream(batches, topk, queue=batch_size)
 
     def predict_paths(self, sources: Sequence[str | os.PathLike], batch_size: int = 64, workers: int = 0,
                       topk: int = 0) -> Iterator[Prediction]:

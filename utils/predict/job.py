@@ -127,18 +127,19 @@ def deal_batches(sources: Sequence[str], batch_size: int, env: DistEnv, start: i
                 raise payload
 
 
-def _rounds(clf: DVTClassifier, loader: DataLoader, env: DistEnv, rounds: Optional[int],
-            topk: int) -> Iterator[list[Prediction]]:
+def _rounds(clf: DVTClassifier, loader: DataLoader, env: DistEnv, rounds: Optional[int], topk: int,
+            queue: int) -> Iterator[list[Prediction]]:
     """The rows of every batch in input order (on the first process; the others take part in
-    gathering them): each round, every process classifies its next batch."""
-    batches, done = iter(loader), 0
+    gathering them): each round, every process gives the rows of its next batch, the images
+    its batches send on to a later stage waiting for ``queue`` of them
+    (:meth:`DVTClassifier.classify_stream`)."""
+    answers, done = clf.classify_stream(loader, topk, queue=queue), 0  # no collective inside: rows by round
     while rounds is None or done < rounds:
-        batch = next(batches, None)
-        if batch is None and rounds is None:
+        rows = next(answers, None)
+        if rows is None and rounds is None:
             return
-        rows = [] if batch is None else clf.classify(batch.images, batch.paths, batch.errors, topk)
         done += 1
-        yield from all_gather_objects(rows)
+        yield from all_gather_objects(rows or [])
 
 
 def _single_start(sources: Sequence[str], batch_size: int, kept: KeptRows) -> None:
@@ -187,7 +188,7 @@ def _write(clf: DVTClassifier, loader: DataLoader, env: DistEnv, rounds: Optiona
         writer = PredictionWriter(target, opts.topk, fmt, append)
     bar = ProgressBar(unit="img", desc="predict", disable=not opts.progress, leave=False, file=sys.stderr)
     with writer as out, bar:
-        for rows in _rounds(clf, loader, env, rounds, opts.topk):
+        for rows in _rounds(clf, loader, env, rounds, opts.topk, opts.batch_size):
             if out is not None:
                 out.write_many(rows)
                 summary.add(rows)

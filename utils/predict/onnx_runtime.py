@@ -25,13 +25,13 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from models.deploy_onnx import onnx_stage_files
-from models.dvt import EarlyExitOutput, run_early_exit
+from models.dvt import EarlyExitOutput, queued_early_exit, run_early_exit
 
 from ..budget.choice import as_plain
 from ..errors import CheckpointError, ConfigError, one_line
@@ -307,7 +307,23 @@ class OnnxCascade:
     def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor) -> EarlyExitOutput:
         """Real early exit over the sessions, as :meth:`models.dvt.DVT.forward_early_exit`."""
         self._check_images(x)
+        return run_early_exit(self.steps, x.to("cpu", torch.float32), self._thresholds(thresholds))
+
+    def queued_early_exit(self, batches: Iterable[torch.Tensor], thresholds: Sequence[float] | torch.Tensor,
+                          queue: Optional[int] = None) -> Iterator[EarlyExitOutput]:
+        """Real early exit over a stream of batches, the later stages on full batches, as
+        :meth:`models.dvt.DVT.queued_early_exit`."""
+        thresholds = self._thresholds(thresholds)
+
+        def images() -> Iterator[torch.Tensor]:
+            for x in batches:
+                self._check_images(x)
+                yield x.to("cpu", torch.float32)
+
+        yield from queued_early_exit(self.steps, images(), thresholds, queue)
+
+    def _thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
         if thresholds.shape != (self.num_exits,):
             raise ValueError(f"expected {self.num_exits} thresholds, got shape {tuple(thresholds.shape)}")
-        return run_early_exit(self.steps, x.to("cpu", torch.float32), thresholds)
+        return thresholds
