@@ -249,6 +249,14 @@ def _axis_resample_matrix(src: int, dst: int) -> np.ndarray:
     return pool @ nearest
 
 
+def _stacked_bags(index: torch.Tensor, weight: torch.Tensor, rows: int, maps: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One map's ``index`` and ``weight`` (out, k) repeated for ``maps`` maps of ``rows`` source
+    rows each, stacked: (maps * out, k) each, the indices offset to each map's rows."""
+    index = index + rows * torch.arange(maps, device=index.device)[:, None, None]
+    return index.view(-1, index.shape[-1]), weight.to(dtype).repeat(maps, 1)
+
+
 class GridResample(nn.Module):
     """Resample token maps from a ``src x src`` grid to a ``dst x dst`` grid.
 
@@ -289,17 +297,13 @@ class GridResample(nn.Module):
     def relation_bags(self, maps: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and weights that resample the query axis of ``maps`` relation maps stacked as
         rows (``forward(..., bags=)``): (maps * N, k) each, N = dst^2 + 1."""
-        n, k = self.src * self.src + 1, self.row_index.shape[1]
-        index = self.row_index + n * torch.arange(maps, device=self.row_index.device)[:, None, None]
-        return index.view(-1, k), self.row_weight.to(dtype).repeat(maps, 1)
+        return _stacked_bags(self.row_index, self.row_weight, self.src * self.src + 1, maps, dtype)
 
     def token_bags(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and weights that resample ``batch`` token maps stacked as rows
         (``forward(..., bags=)``): (batch * dst^2, k) each."""
-        n, k = self.src * self.src, self.row_index.shape[1]
         index = (self.row_index[1:] - 1).clamp(min=0)  # no class token; padding: token 0, weight 0
-        index = index + n * torch.arange(batch, device=index.device)[:, None, None]
-        return index.view(-1, k), self.row_weight[1:].to(dtype).repeat(batch, 1)
+        return _stacked_bags(index, self.row_weight[1:], self.src * self.src, batch, dtype)
 
     def forward(self, x: torch.Tensor, relations: bool = False,
                 bags: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
