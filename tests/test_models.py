@@ -357,6 +357,54 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("capability, rows, fused", [("AVX512", 64, True), ("AVX512", 63, False),
+                                                      ("AVX2", 64, False)])
+def test_float32_blocks_fuse_their_linears_on_avx512_from_enough_rows(monkeypatch, capability, rows, fused):
+    """float32 CPU inference fuses a block's linear layers only where torch runs AVX-512 code
+    and the batch has at least ``FUSED_FP32_MIN_ROWS`` tokens; the answer is the plain one."""
+    import models.layers as layers
+    if not layers.fused_linear_works(torch.float32):
+        pytest.skip("torch without oneDNN's fused linear")
+    torch.manual_seed(0)
+    block = layers.Block(64, 2, qkv_bias=True).eval()
+    x = torch.randn(1, rows, 64)
+    with torch.no_grad():
+        plain = block(x)[0]
+    calls = []
+    real = layers.inference_linear
+    monkeypatch.setattr(layers, "inference_linear", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
+    monkeypatch.setattr(layers, "FUSED_FP32_MIN_ROWS", 64)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    with torch.no_grad():
+        out = block(x)[0]
+    assert sorted(calls) == ([False, False, False, True] if fused else [])
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_that_keeps_no_logits_writes_the_probabilities_over_them(dtype):
+    """Without ``return_logits`` CPU inference computes the softmax in place: a consumed bias
+    ends up holding the attention probabilities, and the tokens are those of the path that
+    keeps the logits."""
+    import models.layers as layers
+    torch.manual_seed(0)
+    attn = layers.Attention(64, 2, qkv_bias=True).eval().to(dtype)
+    attn.fused_attn = False
+    x, bias = torch.randn(3, 17, 64).to(dtype), torch.randn(3, 2, 17, 17).to(dtype)
+    with torch.no_grad():
+        kept, logits = attn(x, bias=bias.clone(), return_logits=True, consume_bias=True)
+        buffer = bias.clone()
+        out, none = attn(x, bias=buffer, consume_bias=True)
+    assert none is None
+    torch.testing.assert_close(out, kept, rtol=0, atol=0)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(buffer.float(), logits.float().softmax(-1), rtol=0, atol=tol)
+    with torch.enable_grad():  # gradients on: the plain softmax, the bias left as it was
+        kept_bias = bias.clone()
+        attn(x, bias=kept_bias, consume_bias=True)
+    assert torch.equal(kept_bias, bias)
+
+
 @pytest.mark.parametrize("name", ["DVT_tiny", "DVT_T2t_vit_12"])
 def test_inference_relation_biases_equal_the_training_path(name):
     """Eager inference builds each block's relation bias when the block runs and accumulates the
