@@ -68,7 +68,7 @@ from utils.predict.job import PredictOptions, predict_files
 from utils.predict.output import PredictionSummary, output_format
 from utils.predict.resume import refuse_existing
 from utils.predict.sources import check_sources
-from utils.run.allocator import keep_freed_memory
+from utils.run.allocator import allocator_choice, keep_freed_memory
 from utils.run.distributed import DistEnv, cleanup_distributed, join_launcher, launcher_rank, on_rank_zero
 from utils.run.inference_options import (
     DEFAULT_MODEL,
@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         require_checkpoint(parser, args)
         check_model_name(args.model)
+        allocator_choice()  # a mistyped DVT_MALLOC is refused here
     except SystemExit as e:
         return int(e.code or 0)
     except ConfigError as e:

@@ -48,7 +48,7 @@ from utils.data.build import (
 from utils.data.images import SkipBadImages
 from utils.data.loader import ShardSampler, close_loaders, make_loader
 from utils.errors import CheckpointError, ConfigError, DataError, one_line
-from utils.run.allocator import keep_freed_memory
+from utils.run.allocator import allocator_choice, keep_freed_memory
 from utils.run.config import resolved_config, write_config
 from utils.run.distributed import DistEnv, agreed_flags, cleanup_distributed, setup_distributed
 from utils.run.folder import BEST, CONFIG_FILE, LAST, RELEASED, claim_run_folder, run_folder
@@ -83,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         check_args(args)
+        allocator_choice()  # a mistyped DVT_MALLOC is refused here
     except SystemExit as e:
         return int(e.code or 0)
     except ConfigError as e:

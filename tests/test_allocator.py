@@ -56,3 +56,20 @@ def test_the_commands_keep_freed_memory(command, tmp_path):
     setup = f"import {command}; assert {command}.main({argv!r}) != 0"
     assert where_a_large_tensor_lives(setup, tmp_path) == "keep [heap]"
     assert where_a_large_tensor_lives(setup, tmp_path, DVT_MALLOC="default") == "DVT_MALLOC=default own mapping"
+
+
+@pytest.mark.parametrize("command", ["inference", "main"])
+def test_a_mistyped_opt_out_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    """``DVT_MALLOC=defualt`` would silently keep the settings it meant to turn off: both commands
+    refuse it in one line naming the variable, and main.py writes nothing."""
+    import importlib
+    argv = {"inference": ["--checkpoint_path", "missing.pth.tar", "--data_url", "nowhere"],
+            "main": ["nowhere", "--model", "DVT_tiny", "--output", str(tmp_path / "out")]}[command]
+    monkeypatch.setenv("DVT_MALLOC", "defualt")
+    monkeypatch.chdir(tmp_path)
+    if command == "inference":  # its checkpoint check comes first: give it a file
+        (tmp_path / "missing.pth.tar").write_bytes(b"")
+    assert importlib.import_module(command).main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DVT_MALLOC='defualt'" in err[0] and "DVT_MALLOC=default" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["missing.pth.tar"] if command == "inference" else [])

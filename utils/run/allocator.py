@@ -16,6 +16,8 @@ import ctypes.util
 import os
 import sys
 
+from utils.errors import ConfigError
+
 MMAP_THRESHOLD = 256 << 20  # blocks up to this size come from the heap
 TRIM_THRESHOLD = 1 << 30  # freed heap kept up to this size
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
@@ -25,10 +27,16 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOA
 
 def allocator_choice() -> str:
     """Why :func:`keep_freed_memory` would or would not change the allocator: ``keep`` (it
-    would), or the reason it leaves it (not glibc, the opt-out, the user's own settings)."""
+    would), or the reason it leaves it (not glibc, the opt-out, the user's own settings).
+    Raises :class:`ConfigError` when ``DVT_MALLOC`` holds anything but ``default`` (a typo
+    would otherwise keep the settings it meant to turn off)."""
+    value = os.environ.get(OPT_OUT, "").strip()
+    if value and value.lower() != "default":
+        raise ConfigError(f"{OPT_OUT}={value!r} is not understood: set {OPT_OUT}=default to leave the C allocator "
+                          f"as it is, or unset it")
     if not _glibc():
         return "not glibc"
-    if os.environ.get(OPT_OUT, "").lower() == "default":
+    if value:
         return f"{OPT_OUT}=default"
     if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES sets malloc"
