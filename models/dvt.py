@@ -870,16 +870,13 @@ class _ExitQueues:
         while done < rows.numel():
             done += waiting.put(parts, rows[done:])
             if waiting.count == self.queue:
-                waiting.count = 0  # stage k runs on the buffers before anything is put into them again
-                self.run(k, *waiting.buffers)
+                self.run(k, *waiting.take())
 
     def flush(self) -> None:
         """The stream has ended: every stage runs on what waits for it."""
         for k in range(1, len(self.steps)):
-            waiting = self.waiting[k]
-            if waiting.count:
-                n, waiting.count = waiting.count, 0
-                self.run(k, *(t[:n] for t in waiting.buffers))
+            if self.waiting[k].count:
+                self.run(k, *self.waiting[k].take())
 
     def answered(self) -> Iterator[EarlyExitOutput]:
         """The results of the next batches in order, as long as they are complete."""
@@ -907,6 +904,12 @@ class _Waiting:
             torch.index_select(src, 0, rows, out=buf[self.count:self.count + n])
         self.count += n
         return n
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        """The waiting rows (views of the buffers), the queue left empty: the stage runs on them
+        before anything is put into the buffers again."""
+        n, self.count = self.count, 0
+        return tuple(t[:n] for t in self.buffers)
 
 
 # Key layout of the released checkpoints: fixed stage names and a misspelt module name.
