@@ -329,7 +329,7 @@ def test_inference_linear_without_the_fused_kernel(monkeypatch, dtype):
 
 def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monkeypatch):
     """bfloat16 CPU inference runs a block's linear layers as fused products (same answer as the
-    plain layers); a hooked layer, float32 and gradients keep the plain call."""
+    plain layers); a hooked layer, float32 with AVX2 code and gradients keep the plain call."""
     import models.layers as layers
     torch.manual_seed(0)
     block = layers.Block(64, 2, qkv_bias=True).eval().bfloat16()
@@ -342,6 +342,7 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
         fused = block(x)[0]
         assert sorted(calls) == ([False, False, False, True] if works else [])  # qkv, proj, fc2; fc1 + GELU
         calls.clear()
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
         block.float()(x.float())
         assert not calls
         block.bfloat16()
@@ -357,28 +358,58 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("capability, rows, fused", [("AVX512", 64, True), ("AVX512", 63, False),
-                                                      ("AVX2", 64, False)])
-def test_float32_blocks_fuse_their_linears_on_avx512_from_enough_rows(monkeypatch, capability, rows, fused):
-    """float32 CPU inference fuses a block's linear layers only where torch runs AVX-512 code
-    and the batch has at least ``FUSED_FP32_MIN_ROWS`` tokens; the answer is the plain one."""
+@pytest.mark.parametrize("capability, fused", [("AVX512", True), ("AVX2", False)])
+def test_float32_blocks_fuse_their_linears_on_avx512(monkeypatch, capability, fused):
+    """float32 CPU inference fuses a block's linear layers (weights packed) only where torch
+    runs AVX-512 code; the answer is the plain one."""
     import models.layers as layers
-    if not layers.fused_linear_works(torch.float32):
-        pytest.skip("torch without oneDNN's fused linear")
+    if not (layers.fused_linear_works(torch.float32) and layers.packing_works()):
+        pytest.skip("torch without oneDNN's fused linear or its weight packing")
     torch.manual_seed(0)
     block = layers.Block(64, 2, qkv_bias=True).eval()
-    x = torch.randn(1, rows, 64)
-    with torch.no_grad():
-        plain = block(x)[0]
+    x = torch.randn(2, 9, 64)
+    plain = block(x)[0].detach()  # gradients on: the plain layers
     calls = []
     real = layers.inference_linear
     monkeypatch.setattr(layers, "inference_linear", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
-    monkeypatch.setattr(layers, "FUSED_FP32_MIN_ROWS", 64)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     with torch.no_grad():
         out = block(x)[0]
     assert sorted(calls) == ([False, False, False, True] if fused else [])
+    assert (block.mlp.fc1.weight in layers._PACKED) == fused
     torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+
+
+def test_packed_float32_weights_follow_their_parameters():
+    """A packed weight gives the plain product, and is made again when its parameter changes
+    in place, or gets other storage (a dtype round trip, which may reuse the freed address);
+    it lives outside the module (deepcopy works) and goes with the parameter."""
+    import copy
+    import gc
+
+    import models.layers as layers
+    if not (layers.fused_linear_works(torch.float32) and layers.packing_works()):
+        pytest.skip("torch without oneDNN's fused linear or its weight packing")
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(24, 40), torch.randn(5, 24)
+    run = lambda m: layers.inference_linear(x, m.weight, m.bias)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
+        first = layers._PACKED[lin.weight][2]
+        assert run(lin) is not None and layers._PACKED[lin.weight][2] is first  # made once
+        lin.load_state_dict({"weight": torch.randn(40, 24), "bias": lin.bias})
+        torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
+        for _ in range(3):  # values rounded to bfloat16 and back: other numbers, maybe the same address
+            lin.bfloat16().float()
+            torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
+        lin.weight.data = torch.randn(40, 24)
+        torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
+    twin = copy.deepcopy(lin)
+    assert twin.weight not in layers._PACKED and torch.equal(twin.weight, lin.weight)
+    before = len(layers._PACKED)
+    del lin, twin
+    gc.collect()
+    assert len(layers._PACKED) == before - 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
