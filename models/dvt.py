@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Block, GridResample, TokenPerformer, inference_linear, sinusoid_table
+from .layers import Block, GridResample, TokenPerformer, capturing_graph, inference_linear, sinusoid_table
 
 __all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "ExitStep", "run_early_exit",
            "queued_early_exit", "unfold_grid"]
@@ -163,9 +163,9 @@ class DVTStage(nn.Module):
                 f"previous stage, got {C}")
         r0 = relations[0]
         training = torch.is_grad_enabled() and (r0.requires_grad or self.relation_reuse_conv[0].weight.requires_grad)
-        if torch.compiler.is_compiling() or training:
+        if capturing_graph() or training:
             chunk = self.relation_chunk
-            if torch.compiler.is_compiling() or chunk is None or chunk >= B:  # one graph for every batch size
+            if capturing_graph() or chunk is None or chunk >= B:  # one graph for every batch size
                 maps = self._relation_conv(torch.cat(tuple(relations), dim=1))
             else:
                 maps = torch.cat([self._relation_conv(_sample_maps(relations, i, i + chunk))
@@ -229,7 +229,7 @@ class DVTStage(nn.Module):
         """Whether every block's reused features are computed at once (:meth:`_all_reused_features`):
         eager inference of an eval-mode stage with feature reuse."""
         return (self.feature_reuse and not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
+                and not capturing_graph())
 
     def _all_reused_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Every block's :meth:`_reused_features` at once: (B, n + 1, C) -> (B, N + 1, depth * reuse_dim),
@@ -433,7 +433,7 @@ class T2TStage(DVTStage):
         B = x.shape[0]
         if self.embed_chunk is not None:
             return self.embed_chunk
-        if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if x.device.type != "cpu" or torch.is_grad_enabled() or capturing_graph():
             return B
         t2t = self.tokens_to_token
         widest = max(t2t.attention1.kqv.in_features, t2t.attention1.kqv.out_features)

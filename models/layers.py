@@ -92,12 +92,20 @@ class Attention(nn.Module):
         return x, (logits if return_logits else None)
 
 
+def capturing_graph() -> bool:
+    """Whether a graph is being captured: ``torch.compile`` / ``torch.export`` or
+    ``torch.jit.trace`` (and so the legacy ONNX exporter). The eager CPU inference paths
+    (writes over their inputs, oneDNN's own operators, loops over chunks of the batch) then give
+    way to the plain operations, which every capture knows."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _softmax(logits: torch.Tensor, in_place: bool) -> torch.Tensor:
     """Softmax over the last axis. With ``in_place`` (nobody reads the logits again) CPU
     inference writes the probabilities over the logits: no fresh (N, N) maps, which saves
     12-16% of the explicit attention at 197 tokens x 64 images (2 cores); same values."""
     if (in_place and logits.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
+            and not capturing_graph()):
         return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
     return logits.softmax(dim=-1)
 
@@ -125,7 +133,7 @@ def _accumulates_onto(bias: Optional[torch.Tensor], q: torch.Tensor) -> bool:
     """Whether the logits can be accumulated onto ``bias`` in place: a contiguous tensor of
     the queries' dtype, no gradients recorded, not traced by the compiler."""
     return (bias is not None and bias.dtype == q.dtype and bias.is_contiguous() and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+            and not capturing_graph())
 
 
 class Block(nn.Module):
@@ -269,7 +277,7 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     so the plain ones stay there. Under a dispatch mode (the FLOP counter of
     :mod:`utils.budget.flops`) the plain operations, which such modes know."""
     if (x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or capturing_graph() or _get_current_dispatch_mode() is not None
             or not fused_linear_works(x.dtype)):
         return False
     if x.dtype == torch.float32:

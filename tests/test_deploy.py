@@ -43,6 +43,24 @@ def test_compiled_stages_one_graph_each_and_eager_results():
     assert not counters["graph_break"]
 
 
+@pytest.mark.parametrize("name, img_size", [("DVT_tiny", IMG), ("DVT_T2t_vit_12", 224)])
+def test_jit_trace_captures_the_plain_operations(name, img_size):
+    """``torch.jit.trace`` (and so the legacy ONNX exporter) of a cascade in CPU inference: the
+    eager-only paths (writes over inputs, oneDNN's own operators, chunk loops) step aside, the
+    trace records plain operators and gives the eager logits."""
+    torch.manual_seed(0)
+    model = models.build_dvt(name, img_size=img_size, depth=1, num_classes=5).eval()
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        want = model(x)
+        traced = torch.jit.trace(model, x, check_trace=False)
+        got = traced(x)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert not [k for k in kinds if k.startswith("mkldnn::")] and "aten::linear" in kinds
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_exported_stages_run_early_exit(tmp_path):
     """torch.export of every stage with a dynamic batch, saved and loaded back: real early
     exit from the programs alone gives the eager model's exits and logits, at any batch size."""
