@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, use_fused_attn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -206,7 +207,7 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.linear`` (then exact GELU when ``gelu``) for inference: on the CPU in float32 or
     bfloat16, one oneDNN product with the bias (and the GELU) applied as it writes its result,
     instead of a pass that copies the bias into the output and another for the GELU; a float32
-    parameter is read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, and where
+    frozen parameter is read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, and where
     torch lacks the fused kernel, the plain operations. No gradients."""
     if x.device.type == "cpu" and fused_linear_works(x.dtype):
         if x.dtype == torch.float32:
@@ -232,23 +233,42 @@ def fused_linear_works(dtype: torch.dtype) -> bool:
     return True
 
 
-# float32 weights in oneDNN's blocked layout, one per parameter, made when first read and
-# made again when the parameter changes: other storage (``module.to``, ``param.data = ...``;
-# told by a weak reference to the storage, so a new one at a freed one's address is not
-# taken for it) or an in-place write (the version counter). Outside the modules: deepcopy,
-# pickling and state dicts never see them.
+# float32 weights in oneDNN's blocked layout, one per frozen parameter, made when first read and
+# made again when the parameter may have changed: other storage (``module.to``,
+# ``param.data = ...``; told by a weak reference to the storage, so a new one at a freed one's
+# address is not taken for it), an in-place write (the version counter), or any optimizer step
+# in this process (fused optimizers write without moving the version counter). Outside the
+# modules: deepcopy, pickling and state dicts never see them.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(*_) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether :func:`packed_weight` packs ``weight``: a frozen (``requires_grad=False``)
+    float32 ``nn.Parameter``, where this torch can. Trainable weights are not packed: an
+    optimizer may change them in place between two evaluations."""
+    return (isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32
+            and packing_works())
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 ``nn.Parameter`` reordered once into oneDNN's layout for the fused product
-    (the product then skips that reorder on every call); anything else as it is. Same
-    results; on 2 cores with AVX-512 the float32 DVT_Deit_small stages run 2-9% faster with
-    fused packed products than with the plain ones, at 16 and at 64 images. Costs a second
-    copy of each float32 weight that has run this way, freed with the parameter."""
-    if not isinstance(weight, nn.Parameter) or weight.dtype != torch.float32 or not packing_works():
+    """A frozen float32 ``nn.Parameter`` (:func:`packs`) reordered once into oneDNN's layout for
+    the fused product (which then skips that reorder on every call); anything else as it is.
+    Same results; on 2 cores with AVX-512 the float32 DVT_Deit_small stages run 2-9% faster
+    with fused packed products than with the plain ones, at 16 and at 64 images. Costs a second
+    copy of each weight packed, freed with the parameter. Not seen: in-place changes through
+    ``param.data`` (use ``load_state_dict``, or ``copy_`` under ``torch.no_grad()``)."""
+    if not packs(weight):
         return weight
-    storage, key = weight.untyped_storage(), (weight._version, weight.storage_offset(), weight.shape, weight.stride())
+    storage = weight.untyped_storage()
+    key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride())
     hit = _PACKED.get(weight)
     if hit is None or hit[0].expired() or hit[0].cdata != storage._cdata or hit[1] != key:
         hit = _PACKED[weight] = (StorageWeakRef(storage), key,
@@ -270,18 +290,18 @@ def packing_works() -> bool:
 
 def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a block's linear layers run as :func:`inference_linear`: CPU inference in
-    bfloat16, and in float32 where torch runs AVX-512 code. Fusing the bias and the GELU into
-    the product saves a pass over each output: a DeiT-S block is 4-14% faster in bfloat16
-    (2 cores, AMX). In float32 the fused products win only with their weights packed
-    (:func:`packed_weight`); with AVX2 code they are within noise of the plain ones (2 cores),
-    so the plain ones stay there. Under a dispatch mode (the FLOP counter of
+    bfloat16, and in float32 where torch runs AVX-512 code and the weights are frozen. Fusing
+    the bias and the GELU into the product saves a pass over each output: a DeiT-S block is
+    4-14% faster in bfloat16 (2 cores, AMX). In float32 the fused products win only with their
+    weights packed (:func:`packed_weight`, frozen weights only); with AVX2 code they are within
+    noise of the plain ones (2 cores), so the plain ones stay there. Under a dispatch mode (the FLOP counter of
     :mod:`utils.budget.flops`) the plain operations, which such modes know."""
     if (x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled()
             or capturing_graph() or _get_current_dispatch_mode() is not None
             or not fused_linear_works(x.dtype)):
         return False
     if x.dtype == torch.float32:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512" and packing_works()
+        return torch.backends.cpu.get_cpu_capability() == "AVX512" and packs(weight)
     return x.dtype == torch.bfloat16
 
 

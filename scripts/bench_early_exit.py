@@ -100,7 +100,7 @@ class ModelTiming(NamedTuple):
 @torch.no_grad()
 def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> ModelTiming:
     torch.manual_seed(args.seed)
-    model = build_dvt(name, img_size=args.img_size).eval()
+    model = build_dvt(name, img_size=args.img_size).eval().requires_grad_(False)
     flops = exit_gflops(model, args.img_size)
     model.to(device)
     num_exits = model.num_exits

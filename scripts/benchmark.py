@@ -226,7 +226,7 @@ def build(name: str, img_size: int, device: torch.device, dtype: torch.dtype) ->
             raise
         torch.manual_seed(0)
         model = timm.create_model(name)
-    return model.eval().to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
 def all_exits(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str],
@@ -370,7 +370,7 @@ def build_static(name: str, img_size: int, device: torch.device, dtype: torch.dt
     torch.manual_seed(0)
     model = timm.create_model(STATIC_T2T[name], img_size=img_size, t2t_geometries=((7, 4, 2),),
                               feature_reuse=False, relation_reuse=False)
-    return model.eval().to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
 def pool_size(batch: int) -> int:

@@ -78,7 +78,7 @@ def test_every_model_round_trips_through_a_folder(name, tmp_path, capsys):
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     from_file, _ = build_from_checkpoint(load_checkpoint_file(tmp_path / "released.pth.tar"), "file")
     from_folder, _ = build_from_checkpoint(load_checkpoint_file(tmp_path / "hub"), "folder")
-    from_timm = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()
+    from_timm = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval().requires_grad_(False)
     with torch.no_grad():
         expected = from_file(x)
         for other in (from_folder, from_timm):

@@ -358,10 +358,11 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("capability, fused", [("AVX512", True), ("AVX2", False)])
-def test_float32_blocks_fuse_their_linears_on_avx512(monkeypatch, capability, fused):
+@pytest.mark.parametrize("capability, frozen, fused", [("AVX512", True, True), ("AVX512", False, False),
+                                                        ("AVX2", True, False)])
+def test_float32_blocks_fuse_their_linears_on_avx512(monkeypatch, capability, frozen, fused):
     """float32 CPU inference fuses a block's linear layers (weights packed) only where torch
-    runs AVX-512 code; the answer is the plain one."""
+    runs AVX-512 code and the weights are frozen; the answer is the plain one."""
     import models.layers as layers
     if not (layers.fused_linear_works(torch.float32) and layers.packing_works()):
         pytest.skip("torch without oneDNN's fused linear or its weight packing")
@@ -369,6 +370,7 @@ def test_float32_blocks_fuse_their_linears_on_avx512(monkeypatch, capability, fu
     block = layers.Block(64, 2, qkv_bias=True).eval()
     x = torch.randn(2, 9, 64)
     plain = block(x)[0].detach()  # gradients on: the plain layers
+    block.requires_grad_(not frozen)
     calls = []
     real = layers.inference_linear
     monkeypatch.setattr(layers, "inference_linear", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
@@ -381,9 +383,10 @@ def test_float32_blocks_fuse_their_linears_on_avx512(monkeypatch, capability, fu
 
 
 def test_packed_float32_weights_follow_their_parameters():
-    """A packed weight gives the plain product, and is made again when its parameter changes
-    in place, or gets other storage (a dtype round trip, which may reuse the freed address);
-    it lives outside the module (deepcopy works) and goes with the parameter."""
+    """Only frozen weights are packed. A packed weight gives the plain product, and is made
+    again when its parameter changes in place, gets other storage (a dtype round trip, which
+    may reuse the freed address) or is stepped by an optimizer (a fused one moves no version
+    counter); it lives outside the module (deepcopy works) and goes with the parameter."""
     import copy
     import gc
 
@@ -395,6 +398,10 @@ def test_packed_float32_weights_follow_their_parameters():
     run = lambda m: layers.inference_linear(x, m.weight, m.bias)  # noqa: E731
     with torch.no_grad():
         torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
+        assert lin.weight not in layers._PACKED  # trainable: never packed
+    lin.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
         first = layers._PACKED[lin.weight][2]
         assert run(lin) is not None and layers._PACKED[lin.weight][2] is first  # made once
         lin.load_state_dict({"weight": torch.randn(40, 24), "bias": lin.bias})
@@ -404,10 +411,18 @@ def test_packed_float32_weights_follow_their_parameters():
             torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
         lin.weight.data = torch.randn(40, 24)
         torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
+    # Unfrozen, trained by a fused optimizer (which leaves the version counter as it was), frozen again.
+    lin.requires_grad_(True)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.5, fused=True)
+    lin(x).square().sum().backward()
+    opt.step()
+    lin.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(run(lin), lin(x), rtol=0, atol=1e-5)
     twin = copy.deepcopy(lin)
     assert twin.weight not in layers._PACKED and torch.equal(twin.weight, lin.weight)
     before = len(layers._PACKED)
-    del lin, twin
+    del lin, twin, opt
     gc.collect()
     assert len(layers._PACKED) == before - 1
 

@@ -155,8 +155,9 @@ def build_from_checkpoint(
         **overrides: Any,
 ) -> tuple[nn.Module, str]:
     """The model of any checkpoint (ours, training, released or original layout) with its
-    weights loaded, in eval mode on the CPU; and which weights were used (``"model"`` or
-    ``"ema"``).
+    weights loaded, in eval mode on the CPU, frozen (``requires_grad=False``: what float32
+    inference packs, :func:`models.layers.packed_weight`); and which weights were used
+    (``"model"`` or ``"ema"``).
 
     Args:
         checkpoint: the loaded checkpoint dictionary.
@@ -183,4 +184,4 @@ def build_from_checkpoint(
                   **overrides}
         model = create_cascade(model_name, **kwargs)
     load_weights(model, state_dict)
-    return model.eval(), which
+    return model.eval().requires_grad_(False), which
