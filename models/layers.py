@@ -294,8 +294,8 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     the bias and the GELU into the product saves a pass over each output: a DeiT-S block is
     4-14% faster in bfloat16 (2 cores, AMX). In float32 the fused products win only with their
     weights packed (:func:`packed_weight`, frozen weights only); with AVX2 code they are within
-    noise of the plain ones (2 cores), so the plain ones stay there. Under a dispatch mode (the FLOP counter of
-    :mod:`utils.budget.flops`) the plain operations, which such modes know."""
+    noise of the plain ones (2 cores), so the plain ones stay there. Under a dispatch mode (the
+    FLOP counter of :mod:`utils.budget.flops`) the plain operations, which such modes know."""
     if (x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled()
             or capturing_graph() or _get_current_dispatch_mode() is not None
             or not fused_linear_works(x.dtype)):
