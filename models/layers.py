@@ -207,9 +207,10 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.linear`` (then exact GELU when ``gelu``) for inference: on the CPU in float32 or
     bfloat16, one oneDNN product with the bias (and the GELU) applied as it writes its result,
     instead of a pass that copies the bias into the output and another for the GELU; a float32
-    frozen parameter is read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, and where
-    torch lacks the fused kernel, the plain operations. No gradients."""
-    if x.device.type == "cpu" and fused_linear_works(x.dtype):
+    frozen parameter is read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, where
+    torch lacks the fused kernel, and under a dispatch mode (a FLOP counter, which knows the
+    plain operations only), the plain operations. No gradients."""
+    if x.device.type == "cpu" and fused_linear_works(x.dtype) and _get_current_dispatch_mode() is None:
         if x.dtype == torch.float32:
             weight = packed_weight(weight)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
@@ -294,11 +295,9 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     the bias and the GELU into the product saves a pass over each output: a DeiT-S block is
     4-14% faster in bfloat16 (2 cores, AMX). In float32 the fused products win only with their
     weights packed (:func:`packed_weight`, frozen weights only); with AVX2 code they are within
-    noise of the plain ones (2 cores), so the plain ones stay there. Under a dispatch mode (the
-    FLOP counter of :mod:`utils.budget.flops`) the plain operations, which such modes know."""
+    noise of the plain ones (2 cores), so the plain ones stay there."""
     if (x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled()
-            or capturing_graph() or _get_current_dispatch_mode() is not None
-            or not fused_linear_works(x.dtype)):
+            or capturing_graph() or not fused_linear_works(x.dtype)):
         return False
     if x.dtype == torch.float32:
         return torch.backends.cpu.get_cpu_capability() == "AVX512" and packs(weight)

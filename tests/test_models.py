@@ -428,6 +428,22 @@ def test_packed_float32_weights_follow_their_parameters():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_linear_is_counted_by_a_flop_counter(dtype):
+    """Under a dispatch mode (a FLOP counter) the fused product gives way to the plain one, so
+    every product is counted, whoever calls it (the relation-reuse products call it directly)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models.layers as layers
+    x, w, b = torch.randn(7, 24).to(dtype), torch.nn.Parameter(torch.randn(40, 24).to(dtype), requires_grad=False), None
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        y = layers.inference_linear(x, w, b, gelu=True)
+    assert counter.get_total_flops() == 2 * 7 * 24 * 40
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(y.float(), F.gelu(F.linear(x, w)).float(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_that_keeps_no_logits_writes_the_probabilities_over_them(dtype):
     """Without ``return_logits`` CPU inference computes the softmax in place: a consumed bias
     ends up holding the attention probabilities, and the tokens are those of the path that
