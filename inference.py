@@ -198,12 +198,14 @@ def evaluate_model(args: argparse.Namespace, env: DistEnv, checkpoint: dict, rep
     found = [thresholds_for_budget(calib[0], calib[1], setup.flops, t) for t in args.budget]
     early_sets: list[tuple[str, torch.Tensor]] = []
     if args.early_exit:
+        report["early_exit_queued"] = not args.early_exit_per_batch
         early_sets += [(f"budget_index {p}", thresholds[p - 1]) for p in args.budget_index]
         early_sets += [(f"budget {t:g} GFLOPs", f.thresholds) for t, f in zip(args.budget, found)]
 
     note(f"evaluating {len(setup.val_set)} validation images on {processes(env)}")
     val = sharded_validation_run(setup.runner, loader(args, setup.val_set, env), setup.model.num_exits, env,
-                                 setup.amp_dtype, [t for _, t in early_sets], not args.no_progress)
+                                 setup.amp_dtype, [t for _, t in early_sets], not args.no_progress,
+                                 queued=not args.early_exit_per_batch)
     _, curve = budget_curve(val.confidence, val.correct, setup.flops, thresholds=thresholds)
     anytime = anytime_accuracy(val.correct)
     if not env.is_main:
@@ -359,7 +361,8 @@ def predict_classifier(args: argparse.Namespace, device: torch.device) -> tuple[
 
 def check_predict_args(args: argparse.Namespace) -> None:
     """Options of --predict, before anything is loaded."""
-    for flag, given in (("--early_exit", args.early_exit), ("--save_checkpoint", args.save_checkpoint)):
+    for flag, given in (("--early_exit", args.early_exit), ("--early_exit_per_batch", args.early_exit_per_batch),
+                        ("--save_checkpoint", args.save_checkpoint)):
         if given:
             raise ConfigError(f"{flag} is for evaluation; it does not go with --predict")
     for flag, values in (("--budget", args.budget), ("--budget_index", args.budget_index)):

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,8 @@ from torch.export import Dim, ExportedProgram
 
 from .dvt import DVT
 
-__all__ = ["CompiledCascade", "compile_model", "compile_stages", "export_stages", "save_stages", "load_stages", "stage_files"]
+__all__ = ["CompiledCascade", "compile_model", "compile_stages", "export_stages", "save_stages", "load_stages",
+           "stage_files"]
 
 Step = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -113,8 +114,9 @@ def load_stages(folder: str | Path) -> list[Step]:
 class CompiledCascade:
     """A DVT cascade whose all-exit forward and early-exit stages run compiled (dynamic batch).
 
-    It stands in for the model where only running it matters: ``cascade(x)`` and
-    ``cascade.forward_early_exit(x, thresholds)`` give the eager results; every other
+    It stands in for the model where only running it matters: ``cascade(x)``,
+    ``cascade.forward_early_exit(x, thresholds)`` and ``cascade.early_exit_stream(thresholds)``
+    (:class:`models.dvt.EarlyExitStream`) give the eager results; every other
     attribute is the model's. Graphs are compiled on first use.
 
     Args:
@@ -135,6 +137,9 @@ class CompiledCascade:
         if self._steps is None:
             return self.model.forward_early_exit(x, thresholds)
         return self.model.forward_early_exit(x, thresholds, steps=self._steps)
+
+    def early_exit_stream(self, thresholds: Sequence[float] | torch.Tensor, queue: Optional[int] = None):
+        return self.model.early_exit_stream(thresholds, queue, steps=self._steps)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)

@@ -5,7 +5,8 @@ models) and classifies it with its own head. Later stages reuse the previous sta
 tokens (feature reuse) and its attention logits (relation reuse). ``model(x)`` runs every
 stage and returns the per-exit logits; ``model.forward_early_exit`` runs each stage only on
 the samples that earlier exits were not confident about, and ``model.queued_early_exit`` does so
-over a stream of batches, each later stage on full batches of such samples.
+over a stream of batches, each later stage on full batches of such samples
+(``model.early_exit_stream``: the same with the batches handed in one by one).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import Block, GridResample, TokenPerformer, capturing_graph, inference_linear, sinusoid_table
 
 __all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "ExitStep", "run_early_exit",
-           "queued_early_exit", "unfold_grid"]
+           "queued_early_exit", "EarlyExitStream", "unfold_grid"]
 
 
 def unfold_grid(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -688,15 +689,21 @@ class DVT(nn.Module):
             queue: samples a later stage waits for (default: the first batch's size).
             steps: as in :meth:`forward_early_exit`.
         """
-        steps = self._checked_steps(steps)
-        thresholds = self._checked_thresholds(thresholds, torch.device("cpu"))  # before any batch is read
+        stream = self.early_exit_stream(thresholds, queue, steps)  # checked before any batch is read
+        for x in batches:
+            yield from stream.push(x)
+        yield from stream.close()
 
-        def images() -> Iterator[torch.Tensor]:
-            for x in batches:
-                self._check_images(x)
-                yield x
-
-        yield from queued_early_exit(steps, images(), thresholds, queue)
+    def early_exit_stream(
+            self,
+            thresholds: Sequence[float] | torch.Tensor,
+            queue: Optional[int] = None,
+            steps: Optional[Sequence[Callable[..., tuple[torch.Tensor, ...]]]] = None,
+    ) -> "EarlyExitStream":
+        """:meth:`queued_early_exit` with the batches handed in: ``stream.push(x)`` returns the
+        results of the batches answered so far, ``stream.close()`` the rest (:class:`EarlyExitStream`)."""
+        return EarlyExitStream(self._checked_steps(steps), self._checked_thresholds(thresholds, torch.device("cpu")),
+                               queue, check=self._check_images)
 
     def _checked_steps(self, steps: Optional[Sequence[Callable]]) -> Sequence[Callable]:
         steps = self.exit_steps() if steps is None else steps
@@ -819,30 +826,60 @@ def queued_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], 
         One :class:`EarlyExitOutput` per input batch, in order, as soon as every sample of it
         and of the batches before it has left.
     """
-    if queue is not None and queue < 1:
-        raise ValueError(f"queue must be at least 1, got {queue}")
-    queues = None
-    for i, x in enumerate(batches):
-        if queues is None:  # the first batch gives the device, and the queue unless it is set
-            queues = _ExitQueues(steps, thresholds.to(x.device), x.shape[0] if queue is None else queue)
-        queues.run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x,
-                   batch=i)
-        yield from queues.answered()
-    if queues is not None:
-        queues.flush()
-        yield from queues.answered()
+    stream = EarlyExitStream(steps, thresholds, queue)
+    for x in batches:
+        yield from stream.push(x)
+    yield from stream.close()
 
 
-class _ExitQueues:
-    """The state of :func:`queued_early_exit`: per later stage, the samples waiting for it
-    (:class:`_Waiting`); per input batch not yet answered, its results so far."""
+class EarlyExitStream:
+    """:func:`queued_early_exit` one batch at a time, for callers that hand batches in rather
+    than being pulled from (a timed validation loop, a server): :meth:`push` runs stage 1 on a
+    batch and every later stage whose queue fills, and returns the results of the batches now
+    complete, in order; :meth:`close` runs what still waits and returns the rest.
+
+    Args:
+        steps: one callable per exit (:class:`ExitStep` contract).
+        thresholds: (num_exits,) float32 tensor; the last entry is ignored.
+        queue: samples a later stage waits for (default: the first batch's size).
+        check: called on every batch before it runs (the model's input checks).
+    """
 
     def __init__(self, steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], thresholds: torch.Tensor,
-                 queue: int) -> None:
-        self.steps, self.thresholds, self.queue = steps, thresholds, queue
-        self.waiting = [_Waiting(queue) for _ in steps]  # entry 0 unused: stage 1 runs on the input batches
-        self.batches: dict[int, _Batch] = {}
-        self.next_answer = 0
+                 queue: Optional[int] = None, check: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+        if queue is not None and queue < 1:
+            raise ValueError(f"queue must be at least 1, got {queue}")
+        self.steps, self.thresholds, self.queue, self.check = steps, thresholds, queue, check
+        self.waiting: list[_Waiting] = []  # per stage; entry 0 unused: stage 1 runs on the input batches
+        self.batches: dict[int, _Batch] = {}  # per input batch not yet answered, its results so far
+        self.pushed = self.next_answer = 0
+        self.closed = False
+
+    @torch.no_grad()
+    def push(self, x: torch.Tensor) -> list[EarlyExitOutput]:
+        """Stage 1 on batch ``x`` (B_i, 3, H, W), the later stages on each full queue; returns
+        the :class:`EarlyExitOutput` of every batch now answered (this one or earlier ones)."""
+        if self.closed:
+            raise RuntimeError("this early-exit stream is closed")
+        if self.check is not None:
+            self.check(x)
+        if not self.waiting:  # the first batch gives the device, and the queue unless it is set
+            self.thresholds = self.thresholds.to(x.device)
+            self.queue = x.shape[0] if self.queue is None else self.queue
+            self.waiting = [_Waiting(self.queue) for _ in self.steps]
+        i, self.pushed = self.pushed, self.pushed + 1
+        self.run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x,
+                 batch=i)
+        return self.answered()
+
+    @torch.no_grad()
+    def close(self) -> list[EarlyExitOutput]:
+        """The stream has ended: every stage runs on what waits for it; returns the remaining results."""
+        self.closed = True
+        for k in range(1, len(self.waiting)):
+            if self.waiting[k].count:
+                self.run(k, *self.waiting[k].take())
+        return self.answered()
 
     def run(self, k: int, owner: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, *carry: torch.Tensor,
             batch: Optional[int] = None) -> None:
@@ -872,17 +909,13 @@ class _ExitQueues:
             if waiting.count == self.queue:
                 self.run(k, *waiting.take())
 
-    def flush(self) -> None:
-        """The stream has ended: every stage runs on what waits for it."""
-        for k in range(1, len(self.steps)):
-            if self.waiting[k].count:
-                self.run(k, *self.waiting[k].take())
-
-    def answered(self) -> Iterator[EarlyExitOutput]:
+    def answered(self) -> list[EarlyExitOutput]:
         """The results of the next batches in order, as long as they are complete."""
+        done = []
         while self.next_answer in self.batches and self.batches[self.next_answer].left == 0:
-            yield self.batches.pop(self.next_answer).out
+            done.append(self.batches.pop(self.next_answer).out)
             self.next_answer += 1
+        return done
 
 
 class _Waiting:

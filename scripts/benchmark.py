@@ -269,7 +269,8 @@ def print_all_exits(rows: list[dict], args: argparse.Namespace, dtypes: Sequence
     by = {(r["model"], r["impl"], r["dtype"]): r for r in rows}
     base = args.baseline
     print(f"\n### All exits, batch {args.batch}, {args.img_size}px, best of {args.repeats} rounds\n")
-    print("| model | GMACs/img | implementation | dtype | img/s | GFLOP/s | % of matmul peak | vs ours fp32 | vs original fp32 |")
+    print("| model | GMACs/img | implementation | dtype | img/s | GFLOP/s | % of matmul peak | vs ours fp32 "
+          "| vs original fp32 |")
     print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     for name in args.models + [base]:
         ref = by.get((name, "this", "fp32"))
@@ -322,7 +323,8 @@ def _stage_parts(model, x: torch.Tensor, prev: list) -> dict[str, Callable[[], o
     parts = {}
     for k, stage in enumerate(model.stages):
         export = model._exports_relations(k)
-        parts[f"stage {k + 1} (all of it)"] = (lambda s, p, e: lambda: s(x, p, export_relations=e))(stage, prev[k], export)
+        parts[f"stage {k + 1} (all of it)"] = (lambda s, p, e: lambda: s(x, p, export_relations=e))(
+            stage, prev[k], export)
         parts[f"stage {k + 1} embedding"] = (lambda s: lambda: s.embed(x))(stage)
         if stage.relation_reuse:
             # every block's bias built (in eager inference they are resampled block by block)

@@ -342,6 +342,48 @@ def test_one_loop_gives_statistics_early_exit_and_validation():
     assert val.seconds > 0 and all(r.seconds > 0 for r in val.early)
 
 
+@pytest.mark.parametrize("batch", [3, 4])
+def test_queued_validation_answers_every_sample_as_batch_by_batch(batch):
+    """validation_run and collect_early_exit with ``queued``: one stream per threshold set, the
+    later stages on samples gathered across batches (stage calls counted), and every sample's
+    exit, prediction and target those of the batch-by-batch run, in loader order (a short last
+    batch included); a single-exit model runs batch by batch."""
+    import models
+    from utils.budget.stats import collect_early_exit, validation_run
+
+    torch.manual_seed(0)
+    model = models.build_dvt("DVT_tiny", img_size=32, num_classes=3).eval()
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.mul_(30.0)
+    images, targets = torch.randn(11, 3, 32, 32), torch.randint(0, 3, (11,))
+    loader = [(images[i:i + batch], targets[i:i + batch]) for i in range(0, 11, batch)]
+    plain = collect_early_exit(model, loader, torch.tensor([-1e8, -1e8, -1e8]))
+    conf = validation_run(model, loader, "cpu", None, progress=False).confidence
+    thresholds = torch.tensor([conf[0].quantile(0.4).item(), conf[1].quantile(0.4).item(), -1e8])
+    per_batch = collect_early_exit(model, loader, thresholds)
+    assert set(per_batch.exit_index.tolist()) == {0, 1, 2} and torch.equal(plain.exit_index, torch.zeros(11).long())
+
+    calls = []
+    steps = model.exit_steps()
+    recorded = [lambda x, *c, k=k: calls.append((k, x.shape[0])) or steps[k](x, *c) for k in range(3)]
+    model.exit_steps = lambda: recorded
+    val = validation_run(model, loader, "cpu", None, [thresholds, thresholds], progress=False, queued=True)
+    calls.clear()  # the timed run warms up batch by batch
+    queued = collect_early_exit(model, loader, thresholds, queued=True)
+    for run in val.early + [queued]:
+        for field in ("exit_index", "prediction", "targets"):
+            assert torch.equal(getattr(run, field), getattr(per_batch, field)), field
+    stage2 = [n for k, n in calls if k == 1]
+    assert stage2 and all(n == batch for n in stage2[:-1])  # full queues but the stream's end
+    assert all(r.seconds > 0 for r in val.early)
+
+    single = models.create_cascade("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=1,
+                                   embed_dim=32, num_heads=2).eval()
+    run = collect_early_exit(single, loader, torch.tensor([-1e8]), queued=True)
+    assert torch.equal(run.targets, targets) and torch.equal(run.exit_index, torch.zeros(11).long())
+
+
 def test_stored_thresholds_one_reader():
     """The stored table reads the same from a tensor, numpy or lists; None when absent; its
     shape is checked, and a table of no rows refused."""

@@ -357,10 +357,13 @@ def test_early_exit_matches_simulation(case):
     assert seen_exits == set(range(num_exits))
 
 
-def test_early_exit_cli_reports_throughput_and_agreement(tiny_released, data_root, capsys, tmp_path):
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_early_exit_cli_reports_throughput_and_agreement(per_batch, tiny_released, data_root, capsys, tmp_path):
+    """--early_exit (one queued stream over val) and --early_exit_per_batch agree with the simulation."""
     code, out, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--calib_size", 6,
                                              "--calib_transform", "eval", "--early_exit", "--budget_index", 1, 30,
-                                             "--budget", 0.06, "--output", tmp_path))
+                                             "--budget", 0.06, "--output", tmp_path,
+                                             *(["--early_exit_per_batch"] if per_batch else [])))
     assert code == 0, err
     lines = [line for line in out.splitlines() if line.startswith("early_exit ")]
     assert [line.split(" : ")[0] for line in lines] == [
@@ -373,6 +376,7 @@ def test_early_exit_cli_reports_throughput_and_agreement(tiny_released, data_roo
         assert r["images_per_second"] > 0 and r["all_exits_images_per_second"] > 0
         assert sum(r["exit_shares"]) == pytest.approx(1.0)
     assert report["early_exit"][1]["thresholds"] == report["dynamic_threshold"][29]
+    assert report["early_exit_queued"] is not per_batch
 
 
 # ---------------------------------------------------------------------------- errors
@@ -421,11 +425,14 @@ def error_cases(bad: dict[str, Path], data: Path, tiny: Path) -> dict[str, tuple
         "corrupt checkpoint": (common(data, bad["garbage"], 1), "cannot read checkpoint"),
         "missing checkpoint": (common(data, bad["garbage"].with_name("absent.pth"), 0), "checkpoint not found"),
         "early exit without thresholds": (common(data, tiny, 2, "--early_exit"), "--early_exit needs thresholds"),
+        "per-batch early exit without early exit": (common(data, tiny, 2, "--early_exit_per_batch"),
+                                                    "--early_exit_per_batch is used with --early_exit"),
         "budget below the first exit": (common(data, bad["project"], 2, "--budget", 0.001),
                                         "below the cost of the first exit"),
         "budget index out of range": (common(data, bad["project"], 1, "--early_exit", "--budget_index", 60),
                                       "only 59 budgets"),
-        "fp16 autocast on the CPU": (common(data, bad["project"], 1, "--amp", "fp16"), "--amp fp16: float16 needs CUDA"),
+        "fp16 autocast on the CPU": (common(data, bad["project"], 1, "--amp", "fp16"),
+                                     "--amp fp16: float16 needs CUDA"),
     }
 
 

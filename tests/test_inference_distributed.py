@@ -92,10 +92,15 @@ def reference(images, checkpoint, tmp_path_factory) -> bytes:
 
 def test_eval_mode_2_on_two_processes_equals_one(small_data, checkpoint, tmp_path):
     args = ("--data_url", small_data, "--checkpoint_path", checkpoint, "--eval_mode", "2", "--calib_size", "16",
-            "--batch_size", "2")
+            "--batch_size", "2", "--early_exit", "--budget_index", "20")
     one = ok(launch(*args, "--save_checkpoint", tmp_path / "one.pth.tar"))
     two = ok(launch(*args, "--save_checkpoint", tmp_path / "two.pth.tar", procs=2))
     assert printed_results(two.stdout) == printed_results(one.stdout)
+    # real early exit, one queued stream per process: the same answers as one process (speeds aside)
+    early = [[line.split(", ") for line in run.stdout.splitlines() if line.startswith("early_exit ")]
+             for run in (one, two)]
+    assert len(early[0]) == 1 and early[0][0][-1] == "6/6 exits and 6/6 predictions as simulated"
+    assert [p for p in early[1][0] if "images/s" not in p] == [p for p in early[0][0] if "images/s" not in p]
     a, b = (load_checkpoint_file(tmp_path / f"{n}.pth.tar") for n in ("one", "two"))
     assert torch.equal(torch.as_tensor(a["dynamic_threshold"]), torch.as_tensor(b["dynamic_threshold"]))
     assert a["budgeted_batch_classification"] == b["budgeted_batch_classification"]

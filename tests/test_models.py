@@ -599,6 +599,28 @@ def test_queued_early_exit_answers_as_soon_as_a_batch_is_done():
         list(model.queued_early_exit(x.split(2), thresholds, queue=0))
 
 
+def test_early_exit_stream_hands_batches_in_and_answers_as_queued_early_exit():
+    """push() answers the batches complete so far, in order, close() the rest: together the
+    results of queued_early_exit over the same batches; images are checked on push, a closed
+    stream refuses more, and a stream closed before any batch answers nothing."""
+    x = torch.randn(17, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = spread_cascade()
+    thresholds = spread_thresholds(model, x)
+    want = list(model.queued_early_exit(x.split(4), thresholds))
+    stream = model.early_exit_stream(thresholds)
+    per_push = [stream.push(xb) for xb in x.split(4)]
+    assert not torch.is_grad_enabled() or all(not o.logits.requires_grad for outs in per_push for o in outs)
+    got = [o for outs in per_push for o in outs] + stream.close()
+    assert len(got) == len(want) == 5 and sum(map(len, per_push)) < 5  # some came only with later batches
+    for g, w in zip(got, want):
+        assert torch.equal(g.exit_index, w.exit_index) and torch.equal(g.logits, w.logits)
+    with pytest.raises(RuntimeError, match="closed"):
+        stream.push(x[:4])
+    with pytest.raises(ValueError, match="expected images of shape"):
+        model.early_exit_stream(thresholds).push(torch.zeros(2, 3, 16, 16))
+    assert model.early_exit_stream(thresholds).close() == []
+
+
 def test_relation_reuse_in_chunks_trains():
     """A chunk size set for training gives the gradients of the whole batch."""
     torch.manual_seed(0)

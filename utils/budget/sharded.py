@@ -50,13 +50,13 @@ def _empty_run(num_exits: int, num_early: int) -> ValRun:
 
 def sharded_validation_run(model: torch.nn.Module, loader: DataLoader, num_exits: int, env: DistEnv,
                            amp_dtype: Optional[torch.dtype], early_thresholds: Sequence[Tensor] = (),
-                           progress: bool = True) -> ValRun:
+                           progress: bool = True, queued: bool = False) -> ValRun:
     """:func:`~utils.budget.stats.validation_run` over the whole dataset, in dataset order, on
-    every process. The model times are the slowest process's: the time the processes took
-    side by side."""
+    every process (``queued``: each process's adaptive runs as one stream over its batches). The
+    model times are the slowest process's: the time the processes took side by side."""
     index, size = shard_of(loader)
     if len(index):
-        run = validation_run(model, loader, env.device, amp_dtype, early_thresholds, progress)
+        run = validation_run(model, loader, env.device, amp_dtype, early_thresholds, progress, queued)
     else:
         run = _empty_run(num_exits, len(early_thresholds))
     if not env.distributed:

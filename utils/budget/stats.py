@@ -102,14 +102,15 @@ class ExitBatch(NamedTuple):
 
     images, targets: the batch on the device. logits: one ``(B, C)`` tensor per exit from
     running every exit (None when not asked). seconds: model time of that run (0 untimed).
-    early: per threshold set, the adaptive run's :class:`models.dvt.EarlyExitOutput` and its
-    model time.
+    early: per threshold set, the adaptive run's :class:`models.dvt.EarlyExitOutput` of every
+    batch answered at this one (this batch alone when batch by batch; with queued early exit,
+    none, this one or several earlier ones, in order) and its model time.
     """
     images: Tensor
     targets: Tensor
     logits: Optional[Sequence[Tensor]]
     seconds: float
-    early: list[tuple[Any, float]]
+    early: list[tuple[list[Any], float]]
 
 
 def _sync(device: torch.device | str) -> None:
@@ -128,6 +129,33 @@ def _run(call: Callable[..., Any], args: tuple, device: torch.device | str, time
     return out, time.perf_counter() - start
 
 
+def _with_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
+    """``(item, whether it is the last one)`` for each item, reading one ahead."""
+    it = iter(items)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield item, False
+        item = following
+    yield item, True
+
+
+class _EarlyRun:
+    """One threshold set's adaptive run in :func:`exit_batches`: each batch on its own
+    (``forward_early_exit``) or, queued, one :class:`models.dvt.EarlyExitStream` over all of them."""
+
+    def __init__(self, model: torch.nn.Module, thresholds: Tensor, queued: bool) -> None:
+        self.model, self.thresholds = model, thresholds
+        self.stream = model.early_exit_stream(thresholds) if queued else None
+
+    def __call__(self, images: Tensor, last: bool) -> list[Any]:
+        if self.stream is None:
+            return [self.model.forward_early_exit(images, self.thresholds)]
+        return self.stream.push(images) + (self.stream.close() if last else [])
+
+
 @torch.no_grad()
 def exit_batches(
         model: torch.nn.Module,
@@ -139,6 +167,7 @@ def exit_batches(
         all_exits: bool = True,
         early_thresholds: Sequence[Tensor] = (),
         timed: bool = False,
+        queued: bool = False,
 ) -> Iterator[ExitBatch]:
     """Run the cascade over ``loader`` in eval mode, without gradients, under autocast, and
     yield every batch with what was run on it.
@@ -153,10 +182,17 @@ def exit_batches(
         early_thresholds: ``(E,)`` thresholds per adaptive run (real early exit) on the batch.
         timed: measure model time only (data loading excluded); with early exit, the first
             batch is run once untimed first, so one-off setup costs do not skew the rates.
+        queued: real early exit as one stream over the batches (``early_exit_stream`` of the
+            model: the later stages on full batches of the samples that go on, gathered across
+            batches); a batch's results come once all its samples have left. Models with one
+            exit (no ``exit_steps``) run batch by batch.
     """
     model.eval()
     warm = not (timed and len(early_thresholds))
-    for images, targets in ProgressBar(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    queued = queued and hasattr(model, "exit_steps")
+    runs = [_EarlyRun(model, t, queued) for t in early_thresholds]
+    bar = ProgressBar(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for (images, targets), last in _with_last(bar):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp_dtype):
@@ -167,7 +203,7 @@ def exit_batches(
                     model.forward_early_exit(images, thresholds)
                 warm = True
             logits, seconds = _run(model, (images,), device, timed) if all_exits else (None, 0.0)
-            early = [_run(model.forward_early_exit, (images, t), device, timed) for t in early_thresholds]
+            early = [_run(run, (images, last), device, timed) for run in runs]
         yield ExitBatch(images, targets, logits, seconds, early)
 
 
@@ -206,30 +242,42 @@ class EarlyExitRun(NamedTuple):
 
 
 class EarlyExitAccumulator:
-    """Collects the adaptive runs of :func:`exit_batches` batch by batch."""
+    """Collects the adaptive runs of :func:`exit_batches` batch by batch; a batch's targets wait
+    for its results when those come later (queued early exit)."""
 
     def __init__(self) -> None:
         self._parts: tuple[list[Tensor], ...] = ([], [], [], [])
+        self._targets: list[Tensor] = []  # of the batches not answered yet, in order
         self.seconds = 0.0
 
-    def update(self, out: Any, targets: Tensor, seconds: float = 0.0) -> None:
-        """Add one batch: ``out`` is a :class:`models.dvt.EarlyExitOutput`."""
-        for part, value in zip(self._parts, (out.exit_index, out.logits.argmax(dim=-1), out.confidence, targets)):
-            part.append(value.cpu())
+    def update(self, outs: Sequence[Any], targets: Tensor, seconds: float = 0.0) -> None:
+        """Add one batch's ``targets`` and the :class:`models.dvt.EarlyExitOutput` of every batch
+        answered with it (the oldest unanswered first)."""
+        self._targets.append(targets)
+        if len(outs) > len(self._targets):
+            raise ValueError(f"{len(outs)} results for {len(self._targets)} batches")
+        for out in outs:
+            labels = self._targets.pop(0)
+            if out.exit_index.shape != labels.shape:
+                raise ValueError(f"a result of {out.exit_index.shape[0]} samples for a batch of {labels.shape[0]}")
+            for part, value in zip(self._parts, (out.exit_index, out.logits.argmax(dim=-1), out.confidence, labels)):
+                part.append(value.cpu())
         self.seconds += seconds
 
     def result(self) -> EarlyExitRun:
+        if self._targets:
+            raise ValueError(f"{len(self._targets)} batches have no result")
         return EarlyExitRun(*(torch.cat(part) for part in self._parts), self.seconds)
 
 
 def collect_early_exit(model: torch.nn.Module, loader: Iterable, thresholds: Tensor,
                        device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None,
-                       desc: Optional[str] = None, progress: bool = False) -> EarlyExitRun:
+                       desc: Optional[str] = None, progress: bool = False, queued: bool = False) -> EarlyExitRun:
     """Run the cascade adaptively over ``loader``: later stages only see the samples that
-    earlier exits were not confident about."""
+    earlier exits were not confident about (``queued``: see :func:`exit_batches`)."""
     acc = EarlyExitAccumulator()
     for batch in exit_batches(model, loader, device, amp_dtype, desc, progress, all_exits=False,
-                              early_thresholds=[thresholds]):
+                              early_thresholds=[thresholds], queued=queued):
         acc.update(batch.early[0][0], batch.targets)
     return acc.result()
 
@@ -255,6 +303,7 @@ def validation_run(
         amp_dtype: Optional[torch.dtype],
         early_thresholds: Sequence[Tensor] = (),
         progress: bool = True,
+        queued: bool = False,
 ) -> ValRun:
     """Run every exit on each batch and, on the same batch, the adaptive cascade for every
     threshold set, timed (see :func:`exit_batches`).
@@ -266,6 +315,7 @@ def validation_run(
         amp_dtype: autocast dtype, or None for full precision.
         early_thresholds: (E,) thresholds per adaptive run.
         progress: show a progress bar.
+        queued: each adaptive run as one stream over the batches (see :func:`exit_batches`).
     """
     stats = ExitStatsAccumulator()
     early = [EarlyExitAccumulator() for _ in early_thresholds]
@@ -273,10 +323,10 @@ def validation_run(
     labels: list[Tensor] = []
     seconds = 0.0
     for batch in exit_batches(model, loader, device, amp_dtype, "val", progress,
-                              early_thresholds=early_thresholds, timed=True):
+                              early_thresholds=early_thresholds, timed=True, queued=queued):
         seconds += batch.seconds
-        for acc, (out, elapsed) in zip(early, batch.early):
-            acc.update(out, batch.targets, elapsed)
+        for acc, (outs, elapsed) in zip(early, batch.early):
+            acc.update(outs, batch.targets, elapsed)
         stats.update(batch.logits, batch.targets)
         predictions.append(torch.stack([x.argmax(dim=-1) for x in batch.logits]).cpu())  # (E, B)
         labels.append(batch.targets.cpu())

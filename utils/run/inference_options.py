@@ -82,7 +82,11 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
                              "for --early_exit")
     budget.add_argument("--early_exit", action="store_true",
                         help="also run val adaptively (later stages only on samples not yet confident) with "
-                             "the thresholds of every --budget / --budget_index, and measure images/second")
+                             "the thresholds of every --budget / --budget_index, and measure images/second; the "
+                             "samples that go on wait for a full --batch_size of them before a later stage runs")
+    budget.add_argument("--early_exit_per_batch", action="store_true",
+                        help="with --early_exit, run each val batch on its own: the later stages on the few "
+                             "samples of that batch that go on (lower latency per batch, lower throughput)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--output", default=None, type=str,
                      help=f"folder for {RESULTS_JSON} (every number and setting) and {PLOT_FILE}")
@@ -151,6 +155,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--early_exit needs thresholds: give --budget GFLOPS or --budget_index P")
     if args.budget_index and not args.early_exit:
         raise ConfigError("--budget_index is used with --early_exit")
+    if args.early_exit_per_batch and not args.early_exit:
+        raise ConfigError("--early_exit_per_batch is used with --early_exit")
     if any(p < 1 for p in args.budget_index):
         raise ConfigError(f"--budget_index counts from 1, got {args.budget_index}")
 
