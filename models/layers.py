@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import lru_cache
-from typing import Optional, Type
+from typing import Callable, Optional, Type
 
 import numpy as np
 import torch
@@ -209,7 +209,13 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     instead of a pass that copies the bias into the output and another for the GELU; a float32
     frozen parameter is read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, where
     torch lacks the fused kernel, and under a dispatch mode (a FLOP counter, which knows the
-    plain operations only), the plain operations. No gradients."""
+    plain operations only), the plain operations. Under CPU autocast the operands are cast to its
+    dtype first (:func:`autocast_weight`), as autocast casts ``F.linear``'s. No gradients."""
+    dtype = _autocast_dtype() if x.device.type == "cpu" else None
+    if dtype is not None and fused_linear_works(dtype) and _get_current_dispatch_mode() is None:
+        # oneDNN's operator has no autocast rule: cast as autocast casts F.linear's arguments
+        x, weight = x.to(dtype), autocast_weight(weight, dtype)
+        bias = None if bias is None else bias.to(dtype)
     if x.device.type == "cpu" and fused_linear_works(x.dtype) and _get_current_dispatch_mode() is None:
         if x.dtype == torch.float32:
             weight = packed_weight(weight)
@@ -241,6 +247,7 @@ def fused_linear_works(dtype: torch.dtype) -> bool:
 # in this process (fused optimizers write without moving the version counter). Outside the
 # modules: deepcopy, pickling and state dicts never see them.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CAST: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the same for autocast's dtype (:func:`autocast_weight`)
 _OPTIMIZER_STEPS = [0]
 
 
@@ -268,12 +275,28 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     ``param.data`` (use ``load_state_dict``, or ``copy_`` under ``torch.no_grad()``)."""
     if not packs(weight):
         return weight
+    return _derived(_PACKED, weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
+
+
+def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``, as autocast casts a linear layer's weight; for a frozen float32
+    ``nn.Parameter`` cast once and kept (:func:`packed_weight`'s rules), where autocast, which
+    keeps casts of trainable weights only, would cast it again on every call."""
+    if weight.dtype == dtype:
+        return weight
+    if isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32:
+        return _derived(_CAST, weight, lambda w: w.to(dtype), dtype)
+    return weight.to(dtype)
+
+
+def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],
+             *tag) -> torch.Tensor:
+    """``make(weight)``, kept in ``cache`` until ``weight`` may have changed (see ``_PACKED``)."""
     storage = weight.untyped_storage()
-    key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride())
-    hit = _PACKED.get(weight)
+    key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride(), *tag)
+    hit = cache.get(weight)
     if hit is None or hit[0].expired() or hit[0].cdata != storage._cdata or hit[1] != key:
-        hit = _PACKED[weight] = (StorageWeakRef(storage), key,
-                                 torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        hit = cache[weight] = (StorageWeakRef(storage), key, make(weight.detach()))
     return hit[2]
 
 
@@ -295,13 +318,24 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     the bias and the GELU into the product saves a pass over each output: a DeiT-S block is
     4-14% faster in bfloat16 (2 cores, AMX). In float32 the fused products win only with their
     weights packed (:func:`packed_weight`, frozen weights only); with AVX2 code they are within
-    noise of the plain ones (2 cores), so the plain ones stay there."""
-    if (x.device.type != "cpu" or weight.dtype != x.dtype or torch.is_grad_enabled()
-            or capturing_graph() or not fused_linear_works(x.dtype)):
+    noise of the plain ones (2 cores), so the plain ones stay there. Under CPU autocast the
+    autocast dtype decides (bfloat16 only), whatever ``x``'s dtype: :func:`inference_linear`
+    casts as autocast would."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or capturing_graph():
+        return False
+    dtype = _autocast_dtype()
+    if dtype is not None:  # the product runs as autocast would run F.linear: in its dtype
+        return dtype == torch.bfloat16 and weight.dtype in (torch.float32, dtype) and fused_linear_works(dtype)
+    if weight.dtype != x.dtype or not fused_linear_works(x.dtype):
         return False
     if x.dtype == torch.float32:
         return torch.backends.cpu.get_cpu_capability() == "AVX512" and packs(weight)
     return x.dtype == torch.bfloat16
+
+
+def _autocast_dtype() -> Optional[torch.dtype]:
+    """The CPU autocast dtype when CPU autocast is on, else None."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
 def _plain(layer: nn.Module) -> bool:
