@@ -863,10 +863,11 @@ class EarlyExitStream:
             raise RuntimeError("this early-exit stream is closed")
         if self.check is not None:
             self.check(x)
-        if not self.waiting:  # the first batch gives the device, and the queue unless it is set
+        if not self.waiting:  # the first batch gives the device, and the first non-empty one the queue unless set
             self.thresholds = self.thresholds.to(x.device)
-            self.queue = x.shape[0] if self.queue is None else self.queue
-            self.waiting = [_Waiting(self.queue) for _ in self.steps]
+            self.queue = self.queue or x.shape[0] or None
+            if self.queue is not None:
+                self.waiting = [_Waiting(self.queue) for _ in self.steps]
         i, self.pushed = self.pushed, self.pushed + 1
         self.run(0, torch.full((x.shape[0],), i, device=x.device), torch.arange(x.shape[0], device=x.device), x,
                  batch=i)

@@ -602,7 +602,8 @@ def test_queued_early_exit_answers_as_soon_as_a_batch_is_done():
 def test_early_exit_stream_hands_batches_in_and_answers_as_queued_early_exit():
     """push() answers the batches complete so far, in order, close() the rest: together the
     results of queued_early_exit over the same batches; images are checked on push, a closed
-    stream refuses more, and a stream closed before any batch answers nothing."""
+    stream refuses more, a stream closed before any batch answers nothing, and an empty first
+    batch leaves the queue to the next one."""
     x = torch.randn(17, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = spread_cascade()
     thresholds = spread_thresholds(model, x)
@@ -619,6 +620,11 @@ def test_early_exit_stream_hands_batches_in_and_answers_as_queued_early_exit():
     with pytest.raises(ValueError, match="expected images of shape"):
         model.early_exit_stream(thresholds).push(torch.zeros(2, 3, 16, 16))
     assert model.early_exit_stream(thresholds).close() == []
+    stream = model.early_exit_stream(thresholds)  # an empty batch first: answered at once, no queue of 0
+    empty = stream.push(x[:0])
+    assert [o.logits.shape for o in empty] == [(0, 5)]
+    got = [o for xb in x.split(4) for o in stream.push(xb)] + stream.close()
+    assert stream.queue == 4 and all(torch.equal(g.exit_index, w.exit_index) for g, w in zip(got, want))
 
 
 def test_relation_reuse_in_chunks_trains():
