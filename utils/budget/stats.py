@@ -192,7 +192,9 @@ def exit_batches(
     queued = queued and hasattr(model, "exit_steps")
     runs = [_EarlyRun(model, t, queued) for t in early_thresholds]
     bar = ProgressBar(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for (images, targets), last in _with_last(bar):
+    # a stream is closed with the last batch: read one batch ahead to know which that is
+    batches = _with_last(bar) if queued and runs else ((batch, False) for batch in bar)
+    for (images, targets), last in batches:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp_dtype):
