@@ -836,7 +836,8 @@ class EarlyExitStream:
     """:func:`queued_early_exit` one batch at a time, for callers that hand batches in rather
     than being pulled from (a timed validation loop, a server): :meth:`push` runs stage 1 on a
     batch and every later stage whose queue fills, and returns the results of the batches now
-    complete, in order; :meth:`close` runs what still waits and returns the rest.
+    complete, in order; :meth:`flush` runs what waits now and :meth:`close` does so at the end,
+    each returning the rest.
 
     Args:
         steps: one callable per exit (:class:`ExitStep` contract).
@@ -874,13 +875,19 @@ class EarlyExitStream:
         return self.answered()
 
     @torch.no_grad()
-    def close(self) -> list[EarlyExitOutput]:
-        """The stream has ended: every stage runs on what waits for it; returns the remaining results."""
-        self.closed = True
+    def flush(self) -> list[EarlyExitOutput]:
+        """Every stage runs now on what waits for it, however few (a server bounding how long an
+        image may wait); returns the results of the batches now answered: all pushed so far.
+        The stream stays open."""
         for k in range(1, len(self.waiting)):
             if self.waiting[k].count:
                 self.run(k, *self.waiting[k].take())
         return self.answered()
+
+    def close(self) -> list[EarlyExitOutput]:
+        """The stream has ended: :meth:`flush`, and no more batches."""
+        self.closed = True
+        return self.flush()
 
     def run(self, k: int, owner: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, *carry: torch.Tensor,
             batch: Optional[int] = None) -> None:

@@ -602,8 +602,9 @@ def test_queued_early_exit_answers_as_soon_as_a_batch_is_done():
 def test_early_exit_stream_hands_batches_in_and_answers_as_queued_early_exit():
     """push() answers the batches complete so far, in order, close() the rest: together the
     results of queued_early_exit over the same batches; images are checked on push, a closed
-    stream refuses more, a stream closed before any batch answers nothing, and an empty first
-    batch leaves the queue to the next one."""
+    stream refuses more, a stream closed before any batch answers nothing, flush() answers every
+    batch pushed so far and keeps the stream open, and an empty first batch leaves the queue to
+    the next one."""
     x = torch.randn(17, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = spread_cascade()
     thresholds = spread_thresholds(model, x)
@@ -620,6 +621,11 @@ def test_early_exit_stream_hands_batches_in_and_answers_as_queued_early_exit():
     with pytest.raises(ValueError, match="expected images of shape"):
         model.early_exit_stream(thresholds).push(torch.zeros(2, 3, 16, 16))
     assert model.early_exit_stream(thresholds).close() == []
+    stream = model.early_exit_stream(thresholds)  # flush: whatever waits runs now, the stream stays open
+    assert stream.push(x[:4]) == []  # some of its images wait for stage 2
+    first = stream.flush()
+    assert len(first) == 1 and torch.equal(first[0].exit_index, want[0].exit_index)
+    assert len(stream.push(x[4:8]) + stream.close()) == 1
     stream = model.early_exit_stream(thresholds)  # an empty batch first: answered at once, no queue of 0
     empty = stream.push(x[:0])
     assert [o.logits.shape for o in empty] == [(0, 5)]
