@@ -703,7 +703,11 @@ class DVT(nn.Module):
         """:meth:`queued_early_exit` with the batches handed in: ``stream.push(x)`` returns the
         results of the batches answered so far, ``stream.close()`` the rest (:class:`EarlyExitStream`)."""
         return EarlyExitStream(self._checked_steps(steps), self._checked_thresholds(thresholds, torch.device("cpu")),
-                               queue, check=self._check_images)
+                               queue, prepare=self._checked_images)
+
+    def _checked_images(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_images(x)
+        return x
 
     def _checked_steps(self, steps: Optional[Sequence[Callable]]) -> Sequence[Callable]:
         steps = self.exit_steps() if steps is None else steps
@@ -843,14 +847,16 @@ class EarlyExitStream:
         steps: one callable per exit (:class:`ExitStep` contract).
         thresholds: (num_exits,) float32 tensor; the last entry is ignored.
         queue: samples a later stage waits for (default: the first batch's size).
-        check: called on every batch before it runs (the model's input checks).
+        prepare: called on every batch before it runs, returns the batch to run (the model's
+            input checks; a runtime's conversion).
     """
 
     def __init__(self, steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], thresholds: torch.Tensor,
-                 queue: Optional[int] = None, check: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+                 queue: Optional[int] = None,
+                 prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         if queue is not None and queue < 1:
             raise ValueError(f"queue must be at least 1, got {queue}")
-        self.steps, self.thresholds, self.queue, self.check = steps, thresholds, queue, check
+        self.steps, self.thresholds, self.queue, self.prepare = steps, thresholds, queue, prepare
         self.waiting: list[_Waiting] = []  # per stage; entry 0 unused: stage 1 runs on the input batches
         self.batches: dict[int, _Batch] = {}  # per input batch not yet answered, its results so far
         self.pushed = self.next_answer = 0
@@ -862,8 +868,8 @@ class EarlyExitStream:
         the :class:`EarlyExitOutput` of every batch now answered (this one or earlier ones)."""
         if self.closed:
             raise RuntimeError("this early-exit stream is closed")
-        if self.check is not None:
-            self.check(x)
+        if self.prepare is not None:
+            x = self.prepare(x)
         if not self.waiting:  # the first batch gives the device, and the first non-empty one the queue unless set
             self.thresholds = self.thresholds.to(x.device)
             self.queue = self.queue or x.shape[0] or None

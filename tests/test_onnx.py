@@ -98,6 +98,13 @@ def test_early_exit_in_onnx_runtime_matches_pytorch(exported):
             assert_same_early_exit(cascade.forward_early_exit(xs, thresholds), model.forward_early_exit(xs, thresholds))
     for g, w in zip(cascade(x[:7]), all_exits):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+    # streamed (float64 images converted on the way in): each batch's answers as PyTorch's on it
+    stream = cascade.early_exit_stream(thresholds)
+    streamed = [o for xs in x[:40].double().split(8) for o in stream.push(xs)] + stream.close()
+    assert len(streamed) == 5
+    for out, xs in zip(streamed, x[:40].split(8)):
+        with torch.no_grad():
+            assert_same_early_exit(out, model.forward_early_exit(xs, thresholds))
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -235,6 +242,8 @@ def test_other_image_size_or_provider_is_refused(exported):
     assert resolve_providers(None, ["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match=f"exported for {IMG} px"):
         OnnxCascade(folder, providers=["cpu"]).forward_early_exit(torch.zeros(1, 3, 40, 40), [0.5, 0.5, -1e8])
+    with pytest.raises(ValueError, match=f"exported for {IMG} px"):
+        OnnxCascade(folder, providers=["cpu"]).early_exit_stream([0.5, 0.5, -1e8]).push(torch.zeros(1, 3, 40, 40))
 
 
 def test_missing_packages_give_one_line_naming_the_requirements_file(exported, tmp_path, monkeypatch, capsys):

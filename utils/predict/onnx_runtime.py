@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from models.deploy_onnx import onnx_stage_files
-from models.dvt import EarlyExitOutput, queued_early_exit, run_early_exit
+from models.dvt import EarlyExitOutput, EarlyExitStream, run_early_exit
 
 from ..budget.choice import as_plain
 from ..errors import CheckpointError, ConfigError, one_line
@@ -223,7 +223,8 @@ class OnnxCascade:
     """A DVT cascade exported by ``scripts/export_onnx.py``, run by ONNX Runtime.
 
     It stands in for the model where only running it matters (as :class:`DVTClassifier`
-    uses it): :meth:`forward_early_exit` (real early exit), ``cascade(x)`` (every exit), and
+    uses it): :meth:`forward_early_exit` (real early exit), :meth:`queued_early_exit` and
+    :meth:`early_exit_stream` (the later stages on full batches), ``cascade(x)`` (every exit), and
     the attributes ``model_name``, ``num_exits``, ``num_classes``, ``img_size``, ``in_chans``,
     ``pretrained_cfg`` and ``flops`` (cumulative GFLOPs per exit). Images and results are
     float32 torch tensors on the CPU; the providers decide where the stages run.
@@ -313,14 +314,19 @@ class OnnxCascade:
                           queue: Optional[int] = None) -> Iterator[EarlyExitOutput]:
         """Real early exit over a stream of batches, the later stages on full batches, as
         :meth:`models.dvt.DVT.queued_early_exit`."""
-        thresholds = self._thresholds(thresholds)
+        stream = self.early_exit_stream(thresholds, queue)
+        for x in batches:
+            yield from stream.push(x)
+        yield from stream.close()
 
-        def images() -> Iterator[torch.Tensor]:
-            for x in batches:
-                self._check_images(x)
-                yield x.to("cpu", torch.float32)
+    def early_exit_stream(self, thresholds: Sequence[float] | torch.Tensor,
+                          queue: Optional[int] = None) -> EarlyExitStream:
+        """:meth:`queued_early_exit` with the batches handed in, as :meth:`models.dvt.DVT.early_exit_stream`."""
+        return EarlyExitStream(self.steps, self._thresholds(thresholds), queue, prepare=self._cpu_images)
 
-        yield from queued_early_exit(self.steps, images(), thresholds, queue)
+    def _cpu_images(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_images(x)
+        return x.to("cpu", torch.float32)
 
     def _thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> torch.Tensor:
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
