@@ -689,10 +689,7 @@ class DVT(nn.Module):
             queue: samples a later stage waits for (default: the first batch's size).
             steps: as in :meth:`forward_early_exit`.
         """
-        stream = self.early_exit_stream(thresholds, queue, steps)  # checked before any batch is read
-        for x in batches:
-            yield from stream.push(x)
-        yield from stream.close()
+        yield from self.early_exit_stream(thresholds, queue, steps).over(batches)  # checked before any batch is read
 
     def early_exit_stream(
             self,
@@ -830,10 +827,7 @@ def queued_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], 
         One :class:`EarlyExitOutput` per input batch, in order, as soon as every sample of it
         and of the batches before it has left.
     """
-    stream = EarlyExitStream(steps, thresholds, queue)
-    for x in batches:
-        yield from stream.push(x)
-    yield from stream.close()
+    yield from EarlyExitStream(steps, thresholds, queue).over(batches)
 
 
 class EarlyExitStream:
@@ -894,6 +888,12 @@ class EarlyExitStream:
         """The stream has ended: :meth:`flush`, and no more batches."""
         self.closed = True
         return self.flush()
+
+    def over(self, batches: Iterable[torch.Tensor]) -> Iterator[EarlyExitOutput]:
+        """Push every batch of ``batches``, then close: each batch's result as soon as it is answered."""
+        for x in batches:
+            yield from self.push(x)
+        yield from self.close()
 
     def run(self, k: int, owner: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, *carry: torch.Tensor,
             batch: Optional[int] = None) -> None:

@@ -314,10 +314,7 @@ class OnnxCascade:
                           queue: Optional[int] = None) -> Iterator[EarlyExitOutput]:
         """Real early exit over a stream of batches, the later stages on full batches, as
         :meth:`models.dvt.DVT.queued_early_exit`."""
-        stream = self.early_exit_stream(thresholds, queue)
-        for x in batches:
-            yield from stream.push(x)
-        yield from stream.close()
+        yield from self.early_exit_stream(thresholds, queue).over(batches)
 
     def early_exit_stream(self, thresholds: Sequence[float] | torch.Tensor,
                           queue: Optional[int] = None) -> EarlyExitStream:
