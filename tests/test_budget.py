@@ -309,17 +309,24 @@ def test_thresholds_for_budget(golden_case):
 
 # ------------------------------------------------------------ the evaluation loop
 
-def test_one_loop_gives_statistics_early_exit_and_validation():
-    """collect_exit_stats, collect_early_exit and validation_run (exit_batches underneath)
-    agree with the model's own forward passes and with the simulated early exit."""
+def confident_tiny() -> torch.nn.Module:
+    """A seeded DVT_tiny (32 px, 3 classes) whose heads are scaled up: confidences spread over (1/3, 1)."""
     import models
-    from utils.budget.stats import collect_early_exit, collect_exit_stats, exit_shares, expected_gflops, validation_run
 
     torch.manual_seed(0)
     model = models.build_dvt("DVT_tiny", img_size=32, num_classes=3).eval()
     with torch.no_grad():
         for stage in model.stages:
             stage.head.weight.mul_(30.0)
+    return model
+
+
+def test_one_loop_gives_statistics_early_exit_and_validation():
+    """collect_exit_stats, collect_early_exit and validation_run (exit_batches underneath)
+    agree with the model's own forward passes and with the simulated early exit."""
+    from utils.budget.stats import collect_early_exit, collect_exit_stats, exit_shares, expected_gflops, validation_run
+
+    model = confident_tiny()
     images, targets = torch.randn(10, 3, 32, 32), torch.randint(0, 3, (10,))
     loader = [(images[i:i + 4], targets[i:i + 4]) for i in range(0, 10, 4)]
     with torch.no_grad():
@@ -351,11 +358,7 @@ def test_queued_validation_answers_every_sample_as_batch_by_batch(batch):
     import models
     from utils.budget.stats import collect_early_exit, validation_run
 
-    torch.manual_seed(0)
-    model = models.build_dvt("DVT_tiny", img_size=32, num_classes=3).eval()
-    with torch.no_grad():
-        for stage in model.stages:
-            stage.head.weight.mul_(30.0)
+    model = confident_tiny()
     images, targets = torch.randn(11, 3, 32, 32), torch.randint(0, 3, (11,))
     loader = [(images[i:i + batch], targets[i:i + batch]) for i in range(0, 11, batch)]
     plain = collect_early_exit(model, loader, torch.tensor([-1e8, -1e8, -1e8]))
