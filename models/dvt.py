@@ -626,13 +626,14 @@ class DVT(nn.Module):
             prev = self.stages[k](x, prev, export_relations=self._exports_relations(k))
             yield prev
 
-    def _check_images(self, x: torch.Tensor) -> None:
-        """The stages' token grids and position tables are built for one input size."""
+    def _check_images(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``, once checked: the stages' token grids and position tables are built for one input size."""
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"expected images of shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}; "
                 f"this model was built for img_size={self.img_size} (build it with img_size=... for other sizes)")
+        return x
 
     def _exports_relations(self, k: int) -> bool:
         return k + 1 < self.num_exits and self.stages[k + 1].relation_reuse
@@ -700,11 +701,7 @@ class DVT(nn.Module):
         """:meth:`queued_early_exit` with the batches handed in: ``stream.push(x)`` returns the
         results of the batches answered so far, ``stream.close()`` the rest (:class:`EarlyExitStream`)."""
         return EarlyExitStream(self._checked_steps(steps), self._checked_thresholds(thresholds, torch.device("cpu")),
-                               queue, prepare=self._checked_images)
-
-    def _checked_images(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_images(x)
-        return x
+                               queue, prepare=self._check_images)
 
     def _checked_steps(self, steps: Optional[Sequence[Callable]]) -> Sequence[Callable]:
         steps = self.exit_steps() if steps is None else steps

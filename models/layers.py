@@ -211,16 +211,17 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     torch lacks the fused kernel, and under a dispatch mode (a FLOP counter, which knows the
     plain operations only), the plain operations. Under CPU autocast the operands are cast to its
     dtype first (:func:`autocast_weight`), as autocast casts ``F.linear``'s. No gradients."""
-    dtype = _autocast_dtype() if x.device.type == "cpu" else None
-    if dtype is not None and fused_linear_works(dtype) and _get_current_dispatch_mode() is None:
-        # oneDNN's operator has no autocast rule: cast as autocast casts F.linear's arguments
-        x, weight = x.to(dtype), autocast_weight(weight, dtype)
-        bias = None if bias is None else bias.to(dtype)
-    if x.device.type == "cpu" and fused_linear_works(x.dtype) and _get_current_dispatch_mode() is None:
-        if x.dtype == torch.float32:
-            weight = packed_weight(weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
+    if x.device.type == "cpu" and _get_current_dispatch_mode() is None:
+        dtype = _autocast_dtype()
+        if dtype is not None and fused_linear_works(dtype):
+            # oneDNN's operator has no autocast rule: cast as autocast casts F.linear's arguments
+            x, weight = x.to(dtype), autocast_weight(weight, dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if fused_linear_works(x.dtype):
+            if x.dtype == torch.float32:
+                weight = packed_weight(weight)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                      "none" if gelu else "")
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
@@ -262,8 +263,13 @@ def packs(weight: torch.Tensor) -> bool:
     """Whether :func:`packed_weight` packs ``weight``: a frozen (``requires_grad=False``)
     float32 ``nn.Parameter``, where this torch can. Trainable weights are not packed: an
     optimizer may change them in place between two evaluations."""
-    return (isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32
-            and packing_works())
+    return _frozen_float32(weight) and packing_works()
+
+
+def _frozen_float32(weight: torch.Tensor) -> bool:
+    """A frozen (``requires_grad=False``) float32 ``nn.Parameter``: what the kept derived weights
+    (:func:`packed_weight`, :func:`autocast_weight`) are made for."""
+    return isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -284,7 +290,7 @@ def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     keeps casts of trainable weights only, would cast it again on every call."""
     if weight.dtype == dtype:
         return weight
-    if isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32:
+    if _frozen_float32(weight):
         return _derived(_CAST, weight, lambda w: w.to(dtype), dtype)
     return weight.to(dtype)
 
