@@ -25,21 +25,17 @@ __all__ = ["DEFAULT_OPSET", "export_onnx_stages", "onnx_stage_files", "stage_inp
 DEFAULT_OPSET = 18  # the opset of torch.onnx's own operator library; onnxruntime >= 1.14 runs it
 
 
-def stage_input_names(num_carry: int) -> list[str]:
-    """Input names of a stage that receives ``num_carry`` tensors from the previous one:
-    ``images``, then ``prev_tokens`` and ``prev_relations_0``, ``prev_relations_1``, ...
-    (one per block of the previous stage)."""
-    return ["images"] + [f"prev_{name}" for name in _carry_names(num_carry)]
+def stage_input_names(prev_carry: Sequence[str]) -> list[str]:
+    """Input names of a stage whose previous step hands on ``prev_carry`` (its
+    :attr:`ExitStep.carry_names <models.dvt.ExitStep.carry_names>`): ``images``, then each
+    of those with ``prev_`` before it (``prev_block_tokens``, ``prev_block_qkv``, ...)."""
+    return ["images"] + [f"prev_{name}" for name in prev_carry]
 
 
-def stage_output_names(num_carry: int) -> list[str]:
-    """Output names of a stage that hands on ``num_carry`` tensors (0 for the last stage):
-    ``logits``, ``confidence``, then ``tokens``, ``relations_0``, ..."""
-    return ["logits", "confidence"] + _carry_names(num_carry)
-
-
-def _carry_names(n: int) -> list[str]:
-    return (["tokens"] + [f"relations_{i}" for i in range(n - 1)]) if n else []
+def stage_output_names(carry: Sequence[str]) -> list[str]:
+    """Output names of a stage that hands on ``carry`` (empty for the last stage):
+    ``logits``, ``confidence``, then ``carry``."""
+    return ["logits", "confidence"] + list(carry)
 
 
 def onnx_stage_files(folder: str | Path, num_exits: int) -> list[Path]:
@@ -69,6 +65,7 @@ def export_onnx_stages(model: DVT, example: torch.Tensor, folder: str | Path, op
     paths = onnx_stage_files(folder, model.num_exits)
     batch = Dim("batch", min=1, max=max_batch)
     carry: Sequence[torch.Tensor] = ()
+    carry_names: Sequence[str] = ()
     for step, path in zip(model.exit_steps(), paths):
         step.eval()  # the wrapper's own flag; the stage is already in eval mode
         args = (example,) + tuple(carry)
@@ -79,7 +76,7 @@ def export_onnx_stages(model: DVT, example: torch.Tensor, folder: str | Path, op
             warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
             onnx_program = torch.onnx.export(
                 step, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset, verbose=False,
-                input_names=stage_input_names(len(carry)), output_names=stage_output_names(len(outputs) - 2))
+                input_names=stage_input_names(carry_names), output_names=stage_output_names(step.carry_names))
         onnx_program.save(path, external_data=False)
-        carry = outputs[2:]
+        carry, carry_names = outputs[2:], step.carry_names
     return paths

@@ -281,19 +281,66 @@ class DVTStage(nn.Module):
             prev: the previous stage's output; read when this stage reuses features or relations.
             export_relations: keep every block's attention logits for the next stage.
         """
+        x, reads = self._enter(x, prev)
+        x, relations = self._blocks(x, prev, reads, export_relations, self.depth)
+        out = self.head(self.norm(x)[:, 0])
+        return StageOutput(out, x, tuple(relations) if export_relations else None)
+
+    def _enter(self, x: torch.Tensor, prev: Optional[StageOutput]) -> tuple[torch.Tensor, tuple]:
+        """Images -> the tokens entering the first block (B, N + 1, C), and what the blocks read
+        of the previous stage: their relation biases, whether each bias is its block's own to
+        write over, and their reused features (None where computed block by block)."""
         tokens = self._run(self.embed, x.to(self.cls_token.dtype))  # a bf16/fp16 model takes float32 images
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, tokens), dim=1) + self.pos_embed)  # (B, N + 1, C)
         biases = self._run(self._relation_biases, prev.relations) if self.relation_reuse else (None,) * self.depth
         consume = isinstance(biases, BlockBiases)  # each bias built for its block alone: it may hold the logits
         reused = self._all_reused_features(prev.tokens).chunk(self.depth, dim=-1) if self._batched_reuse() else None
+        return x, (biases, consume, reused)
+
+    def _blocks(self, x: torch.Tensor, prev: Optional[StageOutput], reads: tuple, export_relations: bool,
+                stop: int) -> tuple[torch.Tensor, list]:
+        """Blocks ``0 .. stop - 1`` on the tokens from :meth:`_enter`; their logits when exported."""
+        biases, consume, reused = reads
         relations = []
-        for i, (block, bias) in enumerate(zip(self.blocks, biases)):
-            x, logits = self._run(self._block, block, x, prev, bias, export_relations, consume,
+        for i in range(stop):
+            x, logits = self._run(self._block, self.blocks[i], x, prev, biases[i], export_relations, consume,
                                   None if reused is None else reused[i])
             relations.append(logits)
-        out = self.head(self.norm(x)[:, 0])
-        return StageOutput(out, x, tuple(relations) if export_relations else None)
+        return x, relations
+
+    def forward_class_first(self, x: torch.Tensor, prev: Optional[StageOutput] = None,
+                            export_relations: bool = False) -> tuple[torch.Tensor, "LastBlockInputs", tuple]:
+        """The stage as early exit runs it: every block but the last, then the last block for
+        the class token alone, which is all the exit reads (the other tokens attend and pass
+        their MLP only for the samples that go on: ``stage.blocks[-1].finish(*inputs)``). Inference only.
+
+        Returns:
+            The exit's logits (B, num_classes); what the last block needs to finish
+            (:class:`LastBlockInputs`); the attention logits of the blocks before it when
+            ``export_relations`` (else empty).
+        """
+        x, reads = self._enter(x, prev)
+        x, relations = self._blocks(x, prev, reads, export_relations, self.depth - 1)
+        biases, _, reused = reads
+        last = self.blocks[-1]
+        if reused is not None:
+            reused = reused[-1].contiguous()
+        elif self.feature_reuse:
+            reused = self._reused_features(last, prev.tokens)
+        inputs = LastBlockInputs(x, last.attention_inputs(x), reused, biases[self.depth - 1])
+        cls, _ = last.finish(*inputs, queries=1)
+        return self.head(self.norm(cls)[:, 0]), inputs, (tuple(relations) if export_relations else ())
+
+
+class LastBlockInputs(NamedTuple):
+    """What a stage's last block reads, kept by early exit for the samples that go on:
+    ``tokens`` entering it (B, N + 1, C), their ``qkv`` product (B, N + 1, 3C), the block's
+    reused features (B, N + 1, reuse_dim) or None, its relation bias (B, heads, N + 1, N + 1) or None."""
+    tokens: torch.Tensor
+    qkv: torch.Tensor
+    reused: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
 
 
 def _sample_maps(relations: Sequence[torch.Tensor], start: int, stop: int) -> torch.Tensor:
@@ -646,8 +693,11 @@ class DVT(nn.Module):
         """Every stage as a function of tensors alone, :class:`ExitStep`: what
         :meth:`forward_early_exit` runs, and what ``torch.compile`` and ``torch.export`` take
         one stage at a time (the selection of the samples that go on stays outside)."""
-        return [ExitStep(stage, export_relations=self._exports_relations(k), last=k + 1 == self.num_exits)
-                for k, stage in enumerate(self.stages)]
+        stages = list(self.stages)
+        return [ExitStep(stage, export_relations=self._exports_relations(k), last=k + 1 == self.num_exits,
+                         prev=stages[k - 1] if k else None,
+                         hand_on=k + 1 < len(stages) and (stages[k + 1].feature_reuse or stages[k + 1].relation_reuse))
+                for k, stage in enumerate(stages)]
 
     @torch.no_grad()
     def forward_early_exit(
@@ -720,32 +770,64 @@ class ExitStep(nn.Module):
     """One stage of the cascade as a function of tensors only, for early exit:
     ``(images, *carry) -> (logits, confidence, *carry_out)``.
 
-    ``carry`` is what the previous stage hands on (empty for the first stage): its final
-    tokens (B, n + 1, C), then, when this stage reuses relations, its per-block attention
-    logits (B, heads, n + 1, n + 1) each. ``confidence`` is the max softmax probability
-    (B,) in float32. The last stage returns no carry. Everything here is batch-size
-    agnostic and free of data-dependent control flow, so a stage compiles to one graph with
-    a dynamic batch and exports with ``torch.export``.
+    The stage runs its last block for the class token alone (all its exit reads,
+    :meth:`DVTStage.forward_class_first`); the rest of that block runs in the next step, for
+    the samples that go on, when the next stage reuses the stage's tokens or relations. So
+    ``carry`` (empty for the first stage, and when this stage reuses nothing) is the previous
+    stage's :class:`LastBlockInputs` (the tokens entering its last block (B, n + 1, C), their
+    qkv product (B, n + 1, 3C), then the block's reused features (B, n + 1, reuse_dim) if that
+    stage reuses features, its relation bias (B, heads, n + 1, n + 1) if it reuses relations),
+    then, when this stage reuses relations, the attention logits (B, heads, n + 1, n + 1) of
+    every block of the previous stage but the last (:attr:`carry_names`). ``confidence`` is the
+    max softmax probability (B,) in float32. The last stage returns no carry. Everything here
+    is batch-size agnostic and free of data-dependent control flow, so a stage compiles to one
+    graph with a dynamic batch and exports with ``torch.export``.
 
     Args:
         stage: the stage; shared, not copied.
         export_relations: hand this stage's attention logits on (the next stage reuses them).
         last: the last exit (nothing to hand on).
+        prev: the previous stage (its last block is finished here), or None for the first.
+        hand_on: the next stage reuses this one's tokens or relations.
     """
 
-    def __init__(self, stage: DVTStage, export_relations: bool, last: bool) -> None:
+    def __init__(self, stage: DVTStage, export_relations: bool, last: bool, prev: Optional[DVTStage] = None,
+                 hand_on: bool = True) -> None:
         super().__init__()
         self.stage = stage
-        self.export_relations = export_relations
+        self.export_relations = export_relations and not last
         self.last = last
+        self.hand_on = hand_on and not last
+        reads_prev = stage.feature_reuse or stage.relation_reuse
+        self.prev_block = prev.blocks[-1] if prev is not None and reads_prev else None
+        self.prev_parts = ("reused",) * bool(prev is not None and prev.feature_reuse) + \
+            ("bias",) * bool(prev is not None and prev.relation_reuse)
+
+    @property
+    def carry_names(self) -> list[str]:
+        """Names of the tensors this step hands on, in order (empty for the last stage)."""
+        if not self.hand_on:
+            return []
+        parts = ["block_tokens", "block_qkv"]
+        parts += ["block_reused"] * self.stage.feature_reuse + ["block_bias"] * self.stage.relation_reuse
+        return parts + [f"relations_{i}" for i in range(self.stage.depth - 1)] * self.export_relations
 
     def forward(self, x: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        prev = StageOutput(carry[0], carry[0], tuple(carry[1:]) or None) if carry else None
-        out = self.stage(x, prev, export_relations=self.export_relations and not self.last)
-        confidence = out.logits.float().softmax(dim=-1).amax(dim=-1)  # (B,)
-        if self.last:
-            return out.logits, confidence
-        return (out.logits, confidence, out.tokens) + (out.relations or ())
+        logits, inputs, relations = self.stage.forward_class_first(x, self._previous(carry), self.export_relations)
+        confidence = logits.float().softmax(dim=-1).amax(dim=-1)  # (B,)
+        if not self.hand_on:
+            return logits, confidence
+        return (logits, confidence) + tuple(t for t in inputs if t is not None) + relations
+
+    def _previous(self, carry: tuple[torch.Tensor, ...]) -> Optional[StageOutput]:
+        """The previous stage's output as this stage reads it, its last block finished from ``carry``."""
+        if self.prev_block is None:
+            return None
+        parts = dict(zip(("tokens", "qkv") + self.prev_parts, carry))
+        inputs = LastBlockInputs(parts["tokens"], parts["qkv"], parts.get("reused"), parts.get("bias"))
+        relations = carry[2 + len(self.prev_parts):]
+        tokens, logits = self.prev_block.finish(*inputs, return_logits=self.stage.relation_reuse)
+        return StageOutput(tokens, tokens, relations + (logits,) if self.stage.relation_reuse else None)
 
 
 def run_early_exit(steps: Sequence[Callable[..., tuple[torch.Tensor, ...]]], x: torch.Tensor,

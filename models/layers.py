@@ -64,9 +64,25 @@ class Attention(nn.Module):
         Returns:
             The attended tokens (B, N, C) and the logits (B, heads, N, N) or None.
         """
-        B, N, C = x.shape
+        return self.attend(run_linear(self.qkv, x), bias, return_logits, consume_bias)
+
+    def attend(
+            self,
+            qkv: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            return_logits: bool = False,
+            consume_bias: bool = False,
+            queries: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`forward` from the ``qkv`` product of the tokens, (B, N, 3 * C). With ``queries``
+        only the first ``queries`` tokens attend (to every token): the result is (B, queries, C)
+        and ``bias``, when given, holds those rows alone, (B, heads, queries, N)."""
+        B, N, C3 = qkv.shape
         H, D = self.num_heads, self.head_dim
-        qkv = run_linear(self.qkv, x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
+        C = C3 // 3
+        qkv = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
+        if queries is not None:
+            return self._attend_first(qkv, queries, bias), None
         logits = None
         if self.fused_attn and not return_logits and fused_attention_is_faster(qkv, bias):
             q, k, v = qkv.unbind(0)
@@ -91,6 +107,16 @@ class Attention(nn.Module):
             logits = logits.view(B, H, N, N)
         x = self.proj_drop(run_linear(self.proj, x))
         return x, (logits if return_logits else None)
+
+    def _attend_first(self, qkv: torch.Tensor, queries: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The first ``queries`` tokens' attention output (B, queries, C) from qkv (3, B, heads, N, head_dim)."""
+        q, k, v = qkv.unbind(0)
+        B, H, _, D = q.shape
+        logits = torch.matmul(q[:, :, :queries], k.transpose(-2, -1)).mul_(self.scale)  # (B, heads, queries, N)
+        if bias is not None:
+            logits = logits.add_(bias.to(logits.dtype))
+        x = torch.matmul(self.attn_drop(logits.softmax(dim=-1)), v)  # (B, heads, queries, head_dim)
+        return self.proj_drop(run_linear(self.proj, x.transpose(1, 2).reshape(B, queries, H * D)))
 
 
 def capturing_graph() -> bool:
@@ -189,10 +215,38 @@ class Block(nn.Module):
             consume_bias: the bias is this call's alone (see :class:`Attention`).
         """
         y, logits = self.attn(self.norm1(x), bias=bias, return_logits=return_logits, consume_bias=consume_bias)
-        x = x + self.drop_path(y)
+        return self._feed_forward(x + self.drop_path(y), reused), logits
+
+    def attention_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The first half of the block, tokens (B, N, C) -> their ``qkv`` product (B, N, 3 * C):
+        with :meth:`finish`, the block in two steps (early exit runs a stage's last block for
+        the class token first, and for the other tokens only when a later stage needs them)."""
+        return run_linear(self.attn.qkv, self.norm1(x))
+
+    def finish(
+            self,
+            x: torch.Tensor,
+            qkv: torch.Tensor,
+            reused: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None,
+            return_logits: bool = False,
+            queries: Optional[int] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The block from ``qkv = attention_inputs(x)``, as :meth:`forward` (the bias is read,
+        never written over). With ``queries``, the output of the first ``queries`` tokens alone,
+        (B, queries, C), which attend to every token; no logits then."""
+        if queries is not None:
+            x = x[:, :queries]
+            reused = None if reused is None else reused[:, :queries]
+            bias = None if bias is None else bias[:, :, :queries]
+            return_logits = False
+        y, logits = self.attn.attend(qkv, bias=bias, return_logits=return_logits, queries=queries)
+        return self._feed_forward(x + self.drop_path(y), reused), logits
+
+    def _feed_forward(self, x: torch.Tensor, reused: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's second half: the MLP (reading the reused features too) and its residual."""
         h = x if reused is None else torch.cat((x, reused.to(x.dtype)), dim=-1)  # (B, N, C + reuse_dim)
-        x = x + self.drop_path(self._mlp(self.norm2(h)))
-        return x, logits
+        return x + self.drop_path(self._mlp(self.norm2(h)))
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         m = self.mlp

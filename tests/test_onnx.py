@@ -78,6 +78,16 @@ def test_command_line_writes_stages_and_json(exported, capsys):
     assert info["dynamic_threshold"] == checkpoint["dynamic_threshold"].tolist()
     assert info["budgeted_batch_classification"] == checkpoint["budgeted_batch_classification"]
     assert info["pretrained_cfg"]["input_size"] == [3, IMG, IMG]
+    import onnx
+
+    names = [([i.name for i in g.graph.input], [o.name for o in g.graph.output])
+             for g in (onnx.load(folder / f"stage{k}.onnx") for k in range(3))]
+    carry = ["block_tokens", "block_qkv"]  # the tokens entering the stage's last block, their qkv product
+    assert names[0] == (["images"], ["logits", "confidence"] + carry)
+    assert names[1] == (["images"] + [f"prev_{n}" for n in carry], ["logits", "confidence"] + carry
+                        + ["block_reused", "block_bias"])
+    assert names[2] == (["images"] + [f"prev_{n}" for n in carry + ["block_reused", "block_bias"]],
+                        ["logits", "confidence"])
 
 
 def test_early_exit_in_onnx_runtime_matches_pytorch(exported):
