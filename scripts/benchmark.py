@@ -24,7 +24,9 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   batch) run batch by batch, the thresholds fitted on the pool itself (seeded random weights), so
   the realised shares are the budget's; batch 1 adds per-image median and p90 latency; from
   batch 2 on, "queued" runs the pool as one stream (``DVT.queued_early_exit``: the samples
-  that go on wait until a full batch of them is there);
+  that go on wait until a full batch of them is there); ``--whole-last-blocks`` adds a table of
+  early exit against itself with each stage's last block run for every token, as ``forward``
+  runs it, instead of for the class token first;
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
@@ -58,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
+from models.dvt import StageOutput  # noqa: E402
 from utils.budget.flops import counting_copy, exit_gflops  # noqa: E402
 from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
 from utils.precision import cpu_has_native_bf16  # noqa: E402
@@ -391,6 +394,7 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
           "early exit img/s | static img/s | early exit / static | FLOPs promise | share of the promise | "
           "queued img/s | queued / static | batch-1 median ms (early / static) | batch-1 p90 ms (early / static) |")
     print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    whole = []
     for name in args.models:
         static = static_for(name, args)
         flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
@@ -408,6 +412,22 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
                       f"{' / '.join(f'{q:.3f}' for q in row['shares'])} | {gm:.2f} ({base_gmacs:.2f}) | "
                       f"{row['early']:.1f} | {row['static']:.1f} | {ratio:.2f}x | {promise:.2f}x | "
                       f"{ratio / promise:.0%} | {queued} | {lat} |")
+                whole.append((name, d, batch, row))
+    if args.whole_last_blocks:
+        print_whole_last_blocks(whole)
+
+
+def print_whole_last_blocks(rows: list) -> None:
+    """``--whole-last-blocks``: early exit against itself with every stage's last block run for every token."""
+    print("\nEarly exit with the class token first against each stage's last block whole (same rounds):\n")
+    print("| model | dtype | batch | class token first img/s | last blocks whole img/s | ratio | "
+          "queued, class token first | queued, whole | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, d, batch, row in rows:
+        queued = (f"{row['queued']:.1f} | {row['queued_whole']:.1f} | {row['queued'] / row['queued_whole']:.3f}x"
+                  if batch > 1 else "- | - | -")
+        print(f"| {name} | {d} | {batch} | {row['early']:.1f} | {row['whole']:.1f} | "
+              f"{row['early'] / row['whole']:.3f}x | {queued} |")
 
 
 def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[float], args: argparse.Namespace,
@@ -422,23 +442,48 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
         exits = torch.cat([model.forward_early_exit(xb, thresholds).exit_index.cpu() for xb in batches])
     shares = (torch.bincount(exits, minlength=model.num_exits).double() / exits.numel()).tolist()
     fns = {"early": lambda xb: model.forward_early_exit(xb, thresholds), "static": lambda xb: base(xb)}
+    streams = {"queued": None}
+    if args.whole_last_blocks:
+        whole = whole_stage_steps(model)
+        fns["whole"] = lambda xb: model.forward_early_exit(xb, thresholds, steps=whole)
+        streams["queued_whole"] = whole
     per_image = {k: [float("inf")] * len(batches) for k in fns}
-    best = {k: float("inf") for k in (*fns, "queued")}
+    best = {k: float("inf") for k in (*fns, *streams)}
     for r in range(args.repeats + 1):  # round 0 is the warm-up
         for k, fn in fns.items():
             times = [_time_once(lambda: fn(xb), device) for xb in batches]
             if r:
                 best[k] = min(best[k], sum(times))
                 per_image[k] = [min(a, t) for a, t in zip(per_image[k], times)]
-        if batch > 1:  # the pool as one stream, the later stages on full batches
-            t = _time_once(lambda: list(model.queued_early_exit(batches, thresholds)), device)
+        for k, steps in streams.items() if batch > 1 else ():  # the pool as one stream, later stages on full batches
+            t = _time_once(lambda: list(model.queued_early_exit(batches, thresholds, steps=steps)), device)
             if r:
-                best["queued"] = min(best["queued"], t)
+                best[k] = min(best[k], t)
     q = lambda v: (statistics.median(v) * 1e3, statistics.quantiles(v, n=10)[-1] * 1e3)  # noqa: E731
     return dict(images=images.shape[0], shares=shares, gmacs=sum(s * f for s, f in zip(shares, flops)),
-                early=images.shape[0] / best["early"], static=images.shape[0] / best["static"],
-                queued=images.shape[0] / best["queued"],
+                **{k: images.shape[0] / t for k, t in best.items()},
                 lat_early=q(per_image["early"]), lat_static=q(per_image["static"]))
+
+
+class WholeStageStep(torch.nn.Module):
+    """A stage as ``forward`` runs it, every block for every token, with the contract of
+    :class:`models.dvt.ExitStep`: it hands on its final tokens and attention logits. Early exit
+    on these steps is early exit without the class token first (``--whole-last-blocks``)."""
+
+    def __init__(self, stage, export_relations: bool, last: bool) -> None:
+        super().__init__()
+        self.stage, self.export_relations, self.last = stage, export_relations, last
+
+    def forward(self, x: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prev = StageOutput(carry[0], carry[0], tuple(carry[1:]) or None) if carry else None
+        out = self.stage(x, prev, export_relations=self.export_relations)
+        confidence = out.logits.float().softmax(dim=-1).amax(dim=-1)
+        return (out.logits, confidence) if self.last else (out.logits, confidence, out.tokens) + (out.relations or ())
+
+
+def whole_stage_steps(model) -> list[WholeStageStep]:
+    last = model.num_exits - 1
+    return [WholeStageStep(stage, model._exports_relations(k), k == last) for k, stage in enumerate(model.stages)]
 
 
 def fitted_thresholds(model: torch.nn.Module, images: torch.Tensor, budget_index: int, batch: int = 32) -> torch.Tensor:
@@ -543,6 +588,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "else --baseline)")
     parser.add_argument("--latency", type=int, default=0, metavar="N", help="batch-1 latency over N images")
     parser.add_argument("--budget-index", type=int, default=10, help="budget row p (1..59) for early exit")
+    parser.add_argument("--whole-last-blocks", action="store_true",
+                        help="--early-exit also with each stage's last block run for every token (not the class "
+                             "token first), side by side")
     parser.add_argument("--compile", action="store_true", help="torch.compile against eager (compile time, speed-up)")
     parser.add_argument("--no-all-exits", action="store_true", help="skip the all-exit table")
     parser.add_argument("--json", type=Path, default=None, help="also append the all-exit rows as JSON lines")

@@ -497,7 +497,7 @@ def test_speed_benchmark_runs(capsys):
     bench = load_script("benchmark")
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
-                       "--ee-batches", "1", "8", "--latency", "3"])
+                       "--ee-batches", "1", "8", "--latency", "3", "--whole-last-blocks"])
     out = capsys.readouterr().out
     assert code == 0
     assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
@@ -514,6 +514,11 @@ def test_speed_benchmark_runs(capsys):
     assert all(abs(q - t) <= 3 / 112 for q, t in zip(shares, (4 / 7, 2 / 7, 1 / 7))), shares
     assert rows[0][14] != "-" and rows[1][14] == "-"  # batch-1 latency only at batch 1
     assert rows[0][12] == "-" and float(rows[1][12]) > 0 and rows[1][13].endswith("x")  # queued: from batch 2 on
+    # --whole-last-blocks: early exit against itself with every stage's last block whole, same rounds
+    table = out.split("last block whole (same rounds)")[1].split("###")[0]
+    whole = [line.split(" | ") for line in table.splitlines() if line.startswith("| DVT_tiny | fp32 |")]
+    assert [r[2] for r in whole] == ["1", "8"] and all(float(r[4]) > 0 and r[5].endswith("x") for r in whole)
+    assert whole[0][6] == "-" and float(whole[1][7]) > 0
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"
