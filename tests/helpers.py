@@ -174,6 +174,15 @@ def spread_cascade(name: str = "DVT_tiny", img_size: int = 32, num_classes: int 
     return model.eval()
 
 
+def midway(values: torch.Tensor) -> float:
+    """A threshold half-way between the two middle ``values``: half of them reach it, and no value
+    sits on it (early exit computes an exit's confidence with other products than ``forward``,
+    so a value on a threshold may fall either way)."""
+    v = values.sort().values
+    n = len(v) // 2
+    return float(v[n - 1] + v[n]) / 2
+
+
 def spread_thresholds(model: models.DVT, x: torch.Tensor) -> torch.Tensor:
     """Thresholds half-way between neighbouring confidences (so rounding cannot move an image
     across) that stop about a third of ``x`` at exit 1 and half of the rest at exit 2."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from golden import load_budget_fixture, synthetic_exit_probs
+from helpers import midway
 from utils import dynamic_evaluate, dynamic_find_threshold
 from utils.budget import thresholds
 from utils.budget.stats import ExitStatsAccumulator, anytime_accuracy, exit_stats
@@ -336,7 +337,7 @@ def test_one_loop_gives_statistics_early_exit_and_validation():
     torch.testing.assert_close(conf, want_conf)
     assert torch.equal(correct, want_correct)
 
-    thresholds = torch.tensor([conf[0].median().item(), conf[1].median().item(), -1e8])
+    thresholds = torch.tensor([midway(conf[0]), midway(conf[1]), -1e8])
     run = collect_early_exit(model, loader, thresholds)
     assert torch.equal(run.exit_index, exit_assignment(conf, thresholds)) and torch.equal(run.targets, targets)
     assert sum(exit_shares(run.exit_index, 3)) == pytest.approx(1.0)
