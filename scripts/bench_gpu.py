@@ -353,7 +353,7 @@ def early_exit(plan: Plan, device: torch.device, clock: Clock, lines: list[str])
                 continue
             args = argparse.Namespace(batch=batch, ee_batches=[batch], img_size=plan.img_size, baseline=plan.baseline,
                                       static=[], budget_index=plan.budget_index, models=[name], repeats=plan.iters,
-                                      whole_last_blocks=False)
+                                      whole_last_blocks=False, parts=False)
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 early_exit_vs_static(args, device, plan.early_dtypes)

@@ -26,7 +26,12 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   batch 2 on, "queued" runs the pool as one stream (``DVT.queued_early_exit``: the samples
   that go on wait until a full batch of them is there); ``--whole-last-blocks`` adds a table of
   early exit against itself with each stage's last block run for every token, as ``forward``
-  runs it, instead of for the class token first;
+  runs it, instead of for the class token first; ``--parts`` adds, for each row, where the time
+  of early exit (batch by batch and queued) and of the static model goes: embeddings,
+  transformer blocks, the relation reuse's convolutions, the grid resampling of relations and
+  features, the feature reuse's MLPs, and the rest (class token and positions, norms and
+  heads, exit decisions, gathering the samples that go on), one more pass of each with every
+  part timed on its own;
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
@@ -49,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -415,6 +421,102 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
                 whole.append((name, d, batch, row))
     if args.whole_last_blocks:
         print_whole_last_blocks(whole)
+    if args.parts:
+        print_parts(whole)
+
+
+PARTS = ("embedding", "transformer blocks", "relation reuse: convolutions", "grid resampling",
+         "feature reuse: MLPs", "the rest")
+
+
+def print_parts(rows: list) -> None:
+    """``--parts``: milliseconds per image of each part, and its share of the time, in one more pass
+    of early exit (batch by batch, and queued from batch 2 on) and of the static model."""
+    print("\nWhere the time goes, ms per image (share of the time), one more pass of each, every part timed "
+          "on its own:\n")
+    print("| model | dtype | batch | part | early exit | queued | static model |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for name, d, batch, row in rows:
+        runs = [row["parts"][k] for k in ("early", "queued", "static")]
+        for part in (*PARTS, "all of it"):
+            cells = []
+            for parts in runs:
+                if parts is None or part not in (*parts["seconds"], "all of it"):  # not run, or no such part
+                    cells.append("-")
+                    continue
+                total = sum(parts["seconds"].values())
+                sec = total if part == "all of it" else parts["seconds"].get(part, 0.0)
+                cells.append(f"{sec / parts['images'] * 1e3:.2f} ({sec / total:.0%})")
+            print(f"| {name} | {d} | {batch} | {part} | {' | '.join(cells)} |")
+
+
+class PartTimer:
+    """Wall time of a model's parts over some calls, each part's own: time spent in another timed
+    part that it calls counts for that one. Parts are timed by wrapping methods of the modules
+    themselves (instance attributes that shadow the class's), removed again by :meth:`close`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device  # on an accelerator each part waits for its kernels
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._inner: list[float] = []  # per open call: seconds of the timed calls inside it
+        self._wrapped: list[tuple[object, str]] = []
+
+    def wrap(self, obj: object, name: str, part: str) -> None:
+        method = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            self._inner.append(0.0)
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                sync(self.device)
+                spent = time.perf_counter() - start
+                self.seconds[part] += spent - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += spent
+
+        setattr(obj, name, timed)
+        self._wrapped.append((obj, name))
+
+    def wrap_model(self, model: torch.nn.Module) -> None:
+        """The parts of a DVT cascade (or a static T2T-ViT built from it), or of a timm ViT."""
+        for stage in getattr(model, "stages", ()):
+            self.wrap(stage, "embed", "embedding")
+            for method in ("_relation_biases", "_all_reused_features", "_reused_features"):
+                part = "relation reuse: convolutions" if method == "_relation_biases" else "feature reuse: MLPs"
+                self.wrap(stage, method, part)
+            if stage.resample is not None:
+                self.wrap(stage.resample, "forward", "grid resampling")
+            self._wrap_blocks(stage.blocks)
+        if hasattr(model, "patch_embed"):
+            self.wrap(model.patch_embed, "forward", "embedding")
+            self._wrap_blocks(model.blocks)
+
+    def _wrap_blocks(self, blocks) -> None:
+        for block in blocks:
+            for method in ("forward", "attention_inputs", "finish"):
+                if hasattr(block, method):
+                    self.wrap(block, method, "transformer blocks")
+
+    def close(self) -> None:
+        for obj, name in reversed(self._wrapped):
+            delattr(obj, name)
+        self._wrapped.clear()
+
+
+def _timed_parts(model: torch.nn.Module, run: Callable[[], object], images: int, device: torch.device) -> dict:
+    """One call of ``run`` with the parts of ``model`` timed: seconds per part, ``the rest`` included."""
+    timer = PartTimer(device)
+    timer.wrap_model(model)
+    try:
+        total = _time_once(run, device)
+    finally:
+        timer.close()
+    seconds = dict(timer.seconds)
+    seconds["the rest"] = max(0.0, total - sum(seconds.values()))
+    return dict(seconds=seconds, images=images)
 
 
 def print_whole_last_blocks(rows: list) -> None:
@@ -460,8 +562,16 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
             if r:
                 best[k] = min(best[k], t)
     q = lambda v: (statistics.median(v) * 1e3, statistics.quantiles(v, n=10)[-1] * 1e3)  # noqa: E731
+    parts = None
+    if args.parts:
+        n = images.shape[0]
+        with torch.inference_mode():
+            parts = dict(early=_timed_parts(model, lambda: [fns["early"](xb) for xb in batches], n, device),
+                         static=_timed_parts(base, lambda: [fns["static"](xb) for xb in batches], n, device),
+                         queued=_timed_parts(model, lambda: list(model.queued_early_exit(batches, thresholds)), n,
+                                             device) if batch > 1 else None)
     return dict(images=images.shape[0], shares=shares, gmacs=sum(s * f for s, f in zip(shares, flops)),
-                **{k: images.shape[0] / t for k, t in best.items()},
+                **{k: images.shape[0] / t for k, t in best.items()}, parts=parts,
                 lat_early=q(per_image["early"]), lat_static=q(per_image["static"]))
 
 
@@ -591,6 +701,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--whole-last-blocks", action="store_true",
                         help="--early-exit also with each stage's last block run for every token (not the class "
                              "token first), side by side")
+    parser.add_argument("--parts", action="store_true",
+                        help="--early-exit also times the parts of each model (embeddings, blocks, reuse paths, "
+                             "the rest) in one more pass")
     parser.add_argument("--compile", action="store_true", help="torch.compile against eager (compile time, speed-up)")
     parser.add_argument("--no-all-exits", action="store_true", help="skip the all-exit table")
     parser.add_argument("--json", type=Path, default=None, help="also append the all-exit rows as JSON lines")

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -497,7 +498,7 @@ def test_speed_benchmark_runs(capsys):
     bench = load_script("benchmark")
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
-                       "--ee-batches", "1", "8", "--latency", "3", "--whole-last-blocks"])
+                       "--ee-batches", "1", "8", "--latency", "3", "--whole-last-blocks", "--parts"])
     out = capsys.readouterr().out
     assert code == 0
     assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
@@ -515,15 +516,65 @@ def test_speed_benchmark_runs(capsys):
     assert rows[0][14] != "-" and rows[1][14] == "-"  # batch-1 latency only at batch 1
     assert rows[0][12] == "-" and float(rows[1][12]) > 0 and rows[1][13].endswith("x")  # queued: from batch 2 on
     # --whole-last-blocks: early exit against itself with every stage's last block whole, same rounds
-    table = out.split("last block whole (same rounds)")[1].split("###")[0]
+    table = out.split("last block whole (same rounds)")[1].split("Where the time goes")[0]
     whole = [line.split(" | ") for line in table.splitlines() if line.startswith("| DVT_tiny | fp32 |")]
     assert [r[2] for r in whole] == ["1", "8"] and all(float(r[4]) > 0 and r[5].endswith("x") for r in whole)
     assert whole[0][6] == "-" and float(whole[1][7]) > 0
+    # --parts: each model's time part by part; the parts add up to the whole, the static model has no reuse paths
+    table = out.split("Where the time goes")[1].split("###")[0]
+    parts = {(r[2], r[3]): r[4:] for r in (line.rstrip(" |").split(" | ") for line in table.splitlines()
+                                           if line.startswith("| DVT_tiny | fp32 |"))}
+    assert [p for b, p in parts if b == "8"] == [*bench.PARTS, "all of it"]
+    ms = lambda cell: float(cell.split(" (")[0])  # noqa: E731
+    for column in range(3):
+        cells = [parts["8", p][column] for p in bench.PARTS if parts["8", p][column] != "-"]
+        assert sum(map(ms, cells)) == pytest.approx(ms(parts["8", "all of it"][column]), abs=0.02 * len(cells))
+    assert all(ms(parts["8", "transformer blocks"][c]) > 0 for c in range(3))
+    assert ms(parts["8", "relation reuse: convolutions"][0]) > 0 and ms(parts["8", "grid resampling"][1]) > 0
+    assert parts["8", "relation reuse: convolutions"][2] == parts["8", "feature reuse: MLPs"][2] == "-"
+    assert parts["1", "embedding"][1] == "-"  # queued from batch 2 on
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"
     static = bench.build_static("T2T-ViT-14", 224, torch.device("cpu"), torch.float32)
     assert static.num_exits == 1 and static.stages[0].grid == 14 and static.stages[0].depth == 14
+
+
+def test_part_timer_counts_each_part_once_and_leaves_the_model_as_it_was():
+    """benchmark.PartTimer: the parts of a cascade timed in one call without changing its answers,
+    the wrappers gone again afterwards, and a part's time without that of the timed parts it calls."""
+    bench = load_script("benchmark")
+    model = timm.create_model("DVT_tiny", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        timer = bench.PartTimer(torch.device("cpu"))
+        timer.wrap_model(model)
+        start = time.perf_counter()
+        out = model(x)
+        total = time.perf_counter() - start
+        timer.close()
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert set(timer.seconds) <= set(bench.PARTS) and timer.seconds["transformer blocks"] > 0
+    assert sum(timer.seconds.values()) <= total
+    assert all(not any(name in vars(m) for name in ("forward", "embed", "finish", "_relation_biases"))
+               for m in model.modules())
+
+    class Toy:
+        def outer(self):
+            time.sleep(0.01)
+            self.inner()
+
+        def inner(self):
+            time.sleep(0.2)
+
+    toy, timer = Toy(), bench.PartTimer(torch.device("cpu"))
+    timer.wrap(toy, "outer", "outer")
+    timer.wrap(toy, "inner", "inner")
+    toy.outer()
+    timer.close()
+    assert timer.seconds["inner"] >= 0.2 and 0.01 <= timer.seconds["outer"] < 0.2  # not 0.21: inner's time is inner's
+    assert vars(toy) == {}
 
 
 @pytest.mark.parametrize("native", [True, False])
