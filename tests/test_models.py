@@ -289,15 +289,20 @@ def test_sparse_token_resampling_equals_the_dense_products(src, dst):
     torch.testing.assert_close(half.float(), dense, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_relation_kernels_equal_the_reference_products(dtype):
-    """CPU inference (positions as rows of fused products, sparse resampling, default and
-    uneven chunks) answers as the reference products (``cpu_kernels = False``)."""
+@pytest.mark.parametrize("dtype, frozen", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_cpu_relation_kernels_equal_the_reference_products(dtype, frozen):
+    """CPU inference (positions as rows of fused products, their float32 weights packed when
+    frozen, sparse resampling, default and uneven chunks) answers as the reference products
+    (``cpu_kernels = False``)."""
+    import models.layers as layers
     torch.manual_seed(0)
-    model = small_t2t().eval().to(dtype)
+    model = small_t2t().eval().to(dtype).requires_grad_(not frozen)
     x = torch.randn(3, 3, 224, 224).to(dtype)
     with torch.no_grad():
         fast = model(x)
+        conv = model.stages[2].relation_reuse_conv
+        packs = frozen and dtype == torch.float32 and layers.packing_works()
+        assert all((c.weight in layers._PACKED) == packs for c in (conv[0], conv[2]))
         for stage in model.stages:
             stage.relation_chunk = 2
         chunked = model(x)
