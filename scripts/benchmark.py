@@ -716,6 +716,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.ee_batches = [args.batch]
     if any("=" not in item for item in args.static):
         parser.error("--static takes MODEL=STATIC pairs")
+    for flag, given in (("--parts", args.parts), ("--whole-last-blocks", args.whole_last_blocks)):
+        if given and not args.early_exit:
+            parser.error(f"{flag} adds to --early-exit: pass --early-exit too")
     return args
 
 

@@ -533,6 +533,10 @@ def test_speed_benchmark_runs(capsys):
     assert ms(parts["8", "relation reuse: convolutions"][0]) > 0 and ms(parts["8", "grid resampling"][1]) > 0
     assert parts["8", "relation reuse: convolutions"][2] == parts["8", "feature reuse: MLPs"][2] == "-"
     assert parts["1", "embedding"][1] == "-"  # queued from batch 2 on
+    for flag in ("--parts", "--whole-last-blocks"):  # options of --early-exit: refused without it, not ignored
+        with pytest.raises(SystemExit):
+            bench.parse_args([flag])
+        assert "pass --early-exit too" in capsys.readouterr().err
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"
