@@ -174,12 +174,12 @@ def spread_cascade(name: str = "DVT_tiny", img_size: int = 32, num_classes: int 
     return model.eval()
 
 
-def midway(values: torch.Tensor) -> float:
-    """A threshold half-way between the two middle ``values``: half of them reach it, and no value
-    sits on it (early exit computes an exit's confidence with other products than ``forward``,
-    so a value on a threshold may fall either way)."""
-    v = values.sort().values
-    n = len(v) // 2
+def midway(values: torch.Tensor, share: float = 0.5) -> float:
+    """A threshold half-way between two neighbouring ``values``, about ``share`` of them above it
+    (at least one on each side), and no value on it: early exit computes an exit's confidence
+    with other products than ``forward``, so a value on a threshold may fall either way."""
+    v = values.sort(descending=True).values
+    n = max(1, min(len(v) - 1, round(share * len(v))))
     return float(v[n - 1] + v[n]) / 2
 
 
@@ -188,11 +188,5 @@ def spread_thresholds(model: models.DVT, x: torch.Tensor) -> torch.Tensor:
     across) that stop about a third of ``x`` at exit 1 and half of the rest at exit 2."""
     with torch.no_grad():
         conf = torch.stack(model(x)).softmax(dim=-1).amax(dim=-1)  # (E, B)
-
-    def cut(values: torch.Tensor, share: float) -> float:
-        v = values.sort(descending=True).values
-        n = max(1, min(len(v) - 1, round(share * len(v))))
-        return float(v[n - 1] + v[n]) / 2
-
-    t0 = cut(conf[0], 1 / 3)
-    return torch.tensor([t0, cut(conf[1][conf[0] < t0], 0.5), -1e8])
+    t0 = midway(conf[0], 1 / 3)
+    return torch.tensor([t0, midway(conf[1][conf[0] < t0]), -1e8])
