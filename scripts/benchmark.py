@@ -400,7 +400,7 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
           "early exit img/s | static img/s | early exit / static | FLOPs promise | share of the promise | "
           "queued img/s | queued / static | batch-1 median ms (early / static) | batch-1 p90 ms (early / static) |")
     print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    whole = []
+    rows = []  # (model, dtype, batch, row) for the tables after this one
     for name in args.models:
         static = static_for(name, args)
         flops = exit_gflops(build(name, args.img_size, torch.device("cpu"), torch.float32), args.img_size)
@@ -418,11 +418,11 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
                       f"{' / '.join(f'{q:.3f}' for q in row['shares'])} | {gm:.2f} ({base_gmacs:.2f}) | "
                       f"{row['early']:.1f} | {row['static']:.1f} | {ratio:.2f}x | {promise:.2f}x | "
                       f"{ratio / promise:.0%} | {queued} | {lat} |")
-                whole.append((name, d, batch, row))
+                rows.append((name, d, batch, row))
     if args.whole_last_blocks:
-        print_whole_last_blocks(whole)
+        print_whole_last_blocks(rows)
     if args.parts:
-        print_parts(whole)
+        print_parts(rows)
 
 
 PARTS = ("embedding", "transformer blocks", "relation reuse: convolutions", "grid resampling",
@@ -445,7 +445,7 @@ def print_parts(rows: list) -> None:
                     cells.append("-")
                     continue
                 total = sum(parts["seconds"].values())
-                sec = total if part == "all of it" else parts["seconds"].get(part, 0.0)
+                sec = total if part == "all of it" else parts["seconds"][part]
                 cells.append(f"{sec / parts['images'] * 1e3:.2f} ({sec / total:.0%})")
             print(f"| {name} | {d} | {batch} | {part} | {' | '.join(cells)} |")
 
