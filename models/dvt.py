@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (Block, GridResample, TokenPerformer, capturing_graph, inference_linear, pointwise_conv_weight,
-                     sinusoid_table)
+from .layers import (Block, GridResample, TokenPerformer, capturing_graph, channels_last_weight,
+                     inference_linear, pointwise_conv_weight, sinusoid_table)
 
 __all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "ExitStep", "run_early_exit",
            "queued_early_exit", "EarlyExitStream", "unfold_grid"]
@@ -417,11 +417,10 @@ class T2TEmbed(nn.Module):
         g0, g1, _ = self.grids
         x = self.attention1(image_patches(x, *_unfold_geometry(self.soft_split0)))  # (B, g0*g0, token_dim)
         k1, s1, p1 = _unfold_geometry(self.soft_split1)
-        perm = channels_last_order(x.shape[-1], k1 * k1, x.device)
-        x = self.attention2(token_patches(x, g0, k1, s1, p1), perm)  # (B, g1*g1, token_dim)
-        p = token_patches(x, g1, *_unfold_geometry(self.soft_split2))  # (B, g2*g2, 9 * token_dim)
-        # soft_split2 cuts the same 3x3 patches of token_dim channels as soft_split1: same order
-        return F.linear(p, self.project.weight[:, perm], self.project.bias)  # (B, g2*g2, embed_dim)
+        x = self.attention2(token_patches(x, g0, k1, s1, p1), positions=k1 * k1)  # (B, g1*g1, token_dim)
+        k2, s2, p2 = _unfold_geometry(self.soft_split2)
+        p = token_patches(x, g1, k2, s2, p2)  # (B, g2*g2, k2 * k2 * token_dim)
+        return F.linear(p, channels_last_weight(self.project.weight, k2 * k2), self.project.bias)  # (B, g2*g2, C)
 
 
 def _unfold_geometry(unfold: nn.Unfold) -> tuple[int, int, int]:
@@ -444,12 +443,6 @@ def token_patches(x: torch.Tensor, grid: int, kernel: int, stride: int, padding:
     u = F.pad(x.view(B, grid, grid, C), (0, 0) + (padding,) * 4)  # (B, grid + 2p, grid + 2p, C)
     u = u.unfold(1, kernel, stride).unfold(2, kernel, stride)  # (B, g, g, C, k, k)
     return u.permute(0, 1, 2, 4, 5, 3).reshape(B, -1, kernel * kernel * C)
-
-
-def channels_last_order(channels: int, positions: int, device: torch.device) -> torch.Tensor:
-    """Index ``perm`` with ``w[..., perm]`` = weights over (position, channel) patches of weights
-    ``w`` laid out over (channel, position) patches, the order of ``nn.Unfold``."""
-    return torch.arange(channels * positions, device=device).view(channels, positions).t().reshape(-1)
 
 
 class T2TStage(DVTStage):

@@ -303,6 +303,7 @@ def fused_linear_works(dtype: torch.dtype) -> bool:
 # modules: deepcopy, pickling and state dicts never see them.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _CAST: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the same for autocast's dtype (:func:`autocast_weight`)
+_REORDERED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the same for :func:`channels_last_weight`
 _OPTIMIZER_STEPS = [0]
 
 
@@ -357,6 +358,25 @@ def autocast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if _frozen_float32(weight):
         return _derived(_CAST, weight, lambda w: w.to(dtype), dtype)
     return weight.to(dtype)
+
+
+def channels_last_order(channels: int, positions: int, device: torch.device) -> torch.Tensor:
+    """Index ``perm`` with ``w[..., perm]`` = weights over (position, channel) patches of weights
+    ``w`` laid out over (channel, position) patches, the order of ``nn.Unfold``."""
+    return torch.arange(channels * positions, device=device).view(channels, positions).t().reshape(-1)
+
+
+def channels_last_weight(weight: torch.Tensor, positions: int) -> torch.Tensor:
+    """``weight`` over (channel, position) patches (its last axis, ``nn.Unfold``'s order) as the
+    weight over (position, channel) patches: ``weight[..., channels_last_order(...)]``. For a
+    frozen ``nn.Parameter`` made once and kept (the rules of :func:`packed_weight`), outside a
+    graph capture: the T2T embedding reads three such weights per call, and gathering them
+    anew took about 0.2 ms each (2 cores)."""
+    channels = weight.shape[-1] // positions
+    make = lambda w: w[..., channels_last_order(channels, positions, w.device)]  # noqa: E731
+    if isinstance(weight, nn.Parameter) and not weight.requires_grad and not capturing_graph():
+        return _derived(_REORDERED, weight, make, positions)
+    return make(weight)
 
 
 def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],
@@ -567,18 +587,21 @@ class TokenPerformer(nn.Module):
             y = (qp @ kptv.transpose(1, 2)) / (denom + self.eps)  # (B, T, emb)
         return v + self.dp(self.proj(y.to(v.dtype)))
 
-    def forward(self, x: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: Optional[int] = None) -> torch.Tensor:
         """Args:
             x: patches (B, T, dim).
-            perm: the order of x's channels relative to the parameters' (``norm1`` and ``kqv``
-                read their weights as ``w[..., perm]``), or None for the parameters' own order.
+            positions: the patches' channels are laid out (position, channel) over this many
+                positions, not in the parameters' (channel, position) order (``norm1`` and ``kqv``
+                then read their weights reordered, :func:`channels_last_weight`); None: the
+                parameters' own order.
         """
-        if perm is None:
+        if positions is None:
             x = self.attention(self.norm1(x))
         else:
             n = self.norm1
-            x = F.layer_norm(x, n.normalized_shape, n.weight[perm], n.bias[perm], n.eps)
-            x = self.attention(x, self.kqv.weight[:, perm])
+            x = F.layer_norm(x, n.normalized_shape, channels_last_weight(n.weight, positions),
+                             channels_last_weight(n.bias, positions), n.eps)
+            x = self.attention(x, channels_last_weight(self.kqv.weight, positions))
         return x + self.mlp(self.norm2(x))
 
 

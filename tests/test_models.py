@@ -695,7 +695,8 @@ def test_relation_reuse_in_chunks_trains():
 def test_soft_splits_are_the_unfolds(dtype):
     """The strided-view soft splits hold exactly nn.Unfold's values: the image split in its
     order, the token-map split in (row, column, channel) order."""
-    from models.dvt import channels_last_order, image_patches, token_patches
+    from models.dvt import image_patches, token_patches
+    from models.layers import channels_last_order
     torch.manual_seed(0)
     images = torch.randn(2, 3, 224, 224).to(dtype)
     for kernel, stride, padding in ((7, 4, 2), (11, 6, 5), (14, 8, 3)):
@@ -708,18 +709,34 @@ def test_soft_splits_are_the_unfolds(dtype):
         assert torch.equal(token_patches(tokens, grid, 3, 2, 1), ref[..., perm])
 
 
-def test_t2t_embedding_matches_the_unfold_formulation():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_t2t_embedding_matches_the_unfold_formulation(frozen):
     """The T2T embedding with permuted weights gives what unfold -> Performer -> unfold ->
-    Performer -> unfold -> linear gives with the parameters as stored."""
+    Performer -> unfold -> linear gives with the parameters as stored. Frozen weights are
+    permuted once and kept, and permuted again when they change; trainable ones per call."""
+    import models.layers as layers
     torch.manual_seed(0)
-    embed = small_t2t().stages[1].tokens_to_token.eval()
+    embed = small_t2t().stages[1].tokens_to_token.eval().requires_grad_(not frozen)
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
+
+    def reference():
         g0, g1, _ = embed.grids
         y = embed.attention1(embed.soft_split0(x).transpose(1, 2))
         y = embed.attention2(embed.soft_split1(y.transpose(1, 2).reshape(2, -1, g0, g0)).transpose(1, 2))
-        ref = embed.project(embed.soft_split2(y.transpose(1, 2).reshape(2, -1, g1, g1)).transpose(1, 2))
-        torch.testing.assert_close(embed(x), ref, rtol=0, atol=2e-5)
+        return embed.project(embed.soft_split2(y.transpose(1, 2).reshape(2, -1, g1, g1)).transpose(1, 2))
+
+    kept = (embed.project.weight, embed.attention2.kqv.weight, embed.attention2.norm1.weight,
+            embed.attention2.norm1.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(embed(x), reference(), rtol=0, atol=2e-5)
+        assert all((w in layers._REORDERED) == frozen for w in kept)
+        if frozen:
+            first = layers._REORDERED[embed.project.weight][2]
+            embed(x)
+            assert layers._REORDERED[embed.project.weight][2] is first  # made once
+        for w in kept:  # an in-place change: the kept copies are made again
+            w.add_(0.05 * torch.randn(w.shape))
+        torch.testing.assert_close(embed(x), reference(), rtol=0, atol=2e-5)
 
 
 def test_t2t_embedding_in_chunks_equals_the_whole_batch():
