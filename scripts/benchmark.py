@@ -31,7 +31,7 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   transformer blocks, the relation reuse's convolutions, the grid resampling of relations and
   features, the feature reuse's MLPs, and the rest (class token and positions, norms and
   heads, exit decisions, gathering the samples that go on), one more pass of each with every
-  part timed on its own;
+  part timed on its own, and the operator calls per image of each (one pass in torch's profiler);
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
@@ -431,7 +431,8 @@ PARTS = ("embedding", "transformer blocks", "relation reuse: convolutions", "gri
 
 def print_parts(rows: list) -> None:
     """``--parts``: milliseconds per image of each part, and its share of the time, in one more pass
-    of early exit (batch by batch, and queued from batch 2 on) and of the static model."""
+    of early exit (batch by batch, and queued from batch 2 on) and of the static model; then the
+    operators each calls per image."""
     print("\nWhere the time goes, ms per image (share of the time), one more pass of each, every part timed "
           "on its own:\n")
     print("| model | dtype | batch | part | early exit | queued | static model |")
@@ -448,6 +449,8 @@ def print_parts(rows: list) -> None:
                 sec = total if part == "all of it" else parts["seconds"][part]
                 cells.append(f"{sec / parts['images'] * 1e3:.2f} ({sec / total:.0%})")
             print(f"| {name} | {d} | {batch} | {part} | {' | '.join(cells)} |")
+        calls = ["-" if parts is None else f"{parts['calls']:.0f}" for parts in runs]
+        print(f"| {name} | {d} | {batch} | operator calls per image | {' | '.join(calls)} |")
 
 
 class PartTimer:
@@ -507,7 +510,8 @@ class PartTimer:
 
 
 def _timed_parts(model: torch.nn.Module, run: Callable[[], object], images: int, device: torch.device) -> dict:
-    """One call of ``run`` with the parts of ``model`` timed: seconds per part, ``the rest`` included."""
+    """One call of ``run`` with the parts of ``model`` timed: seconds per part, ``the rest`` included;
+    and, from one more call, the operators it calls per image (:func:`operator_calls`)."""
     timer = PartTimer(device)
     timer.wrap_model(model)
     try:
@@ -516,7 +520,25 @@ def _timed_parts(model: torch.nn.Module, run: Callable[[], object], images: int,
         timer.close()
     seconds = dict(timer.seconds)
     seconds["the rest"] = max(0.0, total - sum(seconds.values()))
-    return dict(seconds=seconds, images=images)
+    return dict(seconds=seconds, images=images, calls=operator_calls(run) / images)
+
+
+def operator_calls(run: Callable[[], object]) -> int:
+    """Operator calls in one call of ``run``, as torch's profiler records them on the CPU (every
+    ATen and oneDNN operator, those that other operators call included). Each call costs its
+    dispatch and the Python around it whatever its size: at small batches this is where early
+    exit, which calls each stage for fewer images, pays more per image than the static model."""
+    sys.stderr.flush()
+    saved = os.dup(2)  # the profiler's library logs its start and stop on standard error: not for this table
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                run()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return sum(event.count for event in prof.key_averages())
 
 
 def print_whole_last_blocks(rows: list) -> None:

@@ -492,15 +492,15 @@ def load_script(name: str):
     return module
 
 
-def test_speed_benchmark_runs(capsys):
+def test_speed_benchmark_runs(capfd):
     """scripts/benchmark.py: every section, with the machine line and a non-DVT baseline built
-    for the same image size."""
+    for the same image size; nothing of the profiler's own logging on standard error."""
     bench = load_script("benchmark")
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
                        "--ee-batches", "1", "8", "--latency", "3", "--whole-last-blocks", "--parts"])
-    out = capsys.readouterr().out
-    assert code == 0
+    out, err = capfd.readouterr()
+    assert code == 0 and "profiler_st" not in err and "gpuGetDeviceCount" not in err
     assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
     for heading in ("### All exits", "stages and reuse paths", "### Real early exit", "### Batch-1 latency"):
         assert heading in out, heading
@@ -524,7 +524,10 @@ def test_speed_benchmark_runs(capsys):
     table = out.split("Where the time goes")[1].split("###")[0]
     parts = {(r[2], r[3]): r[4:] for r in (line.rstrip(" |").split(" | ") for line in table.splitlines()
                                            if line.startswith("| DVT_tiny | fp32 |"))}
-    assert [p for b, p in parts if b == "8"] == [*bench.PARTS, "all of it"]
+    assert [p for b, p in parts if b == "8"] == [*bench.PARTS, "all of it", "operator calls per image"]
+    calls = [int(c) for c in parts["8", "operator calls per image"]]  # early exit, queued, static
+    assert min(calls) > 0 and calls[0] > calls[2]  # three stages and their reuse paths against one stage
+    assert parts["1", "operator calls per image"][1] == "-"
     ms = lambda cell: float(cell.split(" (")[0])  # noqa: E731
     for column in range(3):
         cells = [parts["8", p][column] for p in bench.PARTS if parts["8", p][column] != "-"]
@@ -536,7 +539,7 @@ def test_speed_benchmark_runs(capsys):
     for flag in ("--parts", "--whole-last-blocks"):  # options of --early-exit: refused without it, not ignored
         with pytest.raises(SystemExit):
             bench.parse_args([flag])
-        assert "pass --early-exit too" in capsys.readouterr().err
+        assert "pass --early-exit too" in capfd.readouterr().err
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"
