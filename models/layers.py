@@ -371,12 +371,21 @@ def channels_last_weight(weight: torch.Tensor, positions: int) -> torch.Tensor:
     weight over (position, channel) patches: ``weight[..., channels_last_order(...)]``. For a
     frozen ``nn.Parameter`` made once and kept (the rules of :func:`packed_weight`), outside a
     graph capture: the T2T embedding reads three such weights per call, and gathering them
-    anew took about 0.2 ms each (2 cores)."""
+    anew took about 0.2 ms each (2 cores). The kept copy is an ordinary tensor even when made
+    under ``torch.inference_mode()``, so that a later pass with gradients may save it."""
     channels = weight.shape[-1] // positions
     make = lambda w: w[..., channels_last_order(channels, positions, w.device)]  # noqa: E731
     if isinstance(weight, nn.Parameter) and not weight.requires_grad and not capturing_graph():
-        return _derived(_REORDERED, weight, make, positions)
+        return _derived(_REORDERED, weight, _outside_inference_mode(make), positions)
     return make(weight)
+
+
+def _outside_inference_mode(make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``make`` run with inference mode off: what it returns may be saved for backward later."""
+    def made(w: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return make(w)
+    return made
 
 
 def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],

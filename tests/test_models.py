@@ -2,6 +2,7 @@
 count its FLOPs, train, and run in any precision."""
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -737,6 +738,25 @@ def test_t2t_embedding_matches_the_unfold_formulation(frozen):
         for w in kept:  # an in-place change: the kept copies are made again
             w.add_(0.05 * torch.randn(w.shape))
         torch.testing.assert_close(embed(x), reference(), rtol=0, atol=2e-5)
+
+
+def test_frozen_t2t_gives_input_gradients_after_an_inference_mode_pass():
+    """The reordered weights a frozen T2T model keeps (made here under ``torch.inference_mode``)
+    can be saved for backward: a later pass with gradients on the input works, and gives the
+    gradient of a model that never ran in inference mode."""
+    torch.manual_seed(0)
+    model = small_t2t().eval().requires_grad_(False)
+    fresh = copy.deepcopy(model)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+    grads = []
+    for m in (model, fresh):
+        xg = x.clone().requires_grad_(True)
+        m(xg)[-1].sum().backward()
+        grads.append(xg.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
 
 
 def test_t2t_embedding_in_chunks_equals_the_whole_batch():
