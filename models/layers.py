@@ -371,31 +371,26 @@ def channels_last_weight(weight: torch.Tensor, positions: int) -> torch.Tensor:
     weight over (position, channel) patches: ``weight[..., channels_last_order(...)]``. For a
     frozen ``nn.Parameter`` made once and kept (the rules of :func:`packed_weight`), outside a
     graph capture: the T2T embedding reads three such weights per call, and gathering them
-    anew took about 0.2 ms each (2 cores). The kept copy is an ordinary tensor even when made
-    under ``torch.inference_mode()``, so that a later pass with gradients may save it."""
+    anew took about 0.2 ms each (2 cores)."""
     channels = weight.shape[-1] // positions
     make = lambda w: w[..., channels_last_order(channels, positions, w.device)]  # noqa: E731
     if isinstance(weight, nn.Parameter) and not weight.requires_grad and not capturing_graph():
-        return _derived(_REORDERED, weight, _outside_inference_mode(make), positions)
+        return _derived(_REORDERED, weight, make, positions)
     return make(weight)
-
-
-def _outside_inference_mode(make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``make`` run with inference mode off: what it returns may be saved for backward later."""
-    def made(w: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(False):
-            return make(w)
-    return made
 
 
 def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],
              *tag) -> torch.Tensor:
-    """``make(weight)``, kept in ``cache`` until ``weight`` may have changed (see ``_PACKED``)."""
+    """``make(weight)``, kept in ``cache`` until ``weight`` may have changed (see ``_PACKED``). Made
+    with inference mode off, also when first asked for under ``torch.inference_mode()``: an
+    ordinary tensor, which a later pass with gradients may save for backward."""
     storage = weight.untyped_storage()
     key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride(), *tag)
     hit = cache.get(weight)
     if hit is None or hit[0].expired() or hit[0].cdata != storage._cdata or hit[1] != key:
-        hit = cache[weight] = (StorageWeakRef(storage), key, make(weight.detach()))
+        with torch.inference_mode(False):
+            made = make(weight.detach())
+        hit = cache[weight] = (StorageWeakRef(storage), key, made)
     return hit[2]
 
 
