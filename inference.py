@@ -79,6 +79,7 @@ from utils.run.inference_options import (
     require_checkpoint,
 )
 from utils.run.preflight import check_output_folder, check_writable_file
+from utils.run.progress import bars_cleared_on_error
 from utils.run.signals import CTRL_C
 
 
@@ -106,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = signal.signal(signal.SIGINT, CTRL_C)
     CTRL_C.pid = os.getpid()
     try:
-        evaluate(args)
+        with bars_cleared_on_error():
+            evaluate(args)
     except out_of_memory:
         print(f"error: {rank_prefix()}out of memory at --batch_size {args.batch_size}; try a smaller one",
               file=sys.stderr)

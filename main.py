@@ -53,6 +53,7 @@ from utils.run.config import resolved_config, write_config
 from utils.run.distributed import DistEnv, agreed_flags, cleanup_distributed, setup_distributed
 from utils.run.folder import BEST, CONFIG_FILE, LAST, RELEASED, claim_run_folder, run_folder
 from utils.run.preflight import PreChecked, check_before_run, check_writable_file, training_precision
+from utils.run.progress import bars_cleared_on_error
 from utils.run.records import CsvSummary, TensorBoardLog, add_file_log, prefixed, remove_logging, setup_logging
 from utils.run.signals import Interrupted, StopSignal, signals_raise
 from utils.run.train_options import check_args, parse_args
@@ -94,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = setup_logging(rank == 0)
     env = None
     try:
-        with deterministic_mode(args.deterministic):
+        with deterministic_mode(args.deterministic), bars_cleared_on_error():
             env = setup_distributed(args.device, args.dist_backend, args.local_rank)
             if args.export_released:
                 export_only(args, env)

@@ -2,6 +2,7 @@
 stops the export cleanly, and Ctrl-C in inference.py with loader workers prints one line."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -38,6 +39,32 @@ def test_progress_bars_start_no_thread():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["0", "1"], out.stdout + out.stderr
+
+
+def test_a_bar_an_exception_left_open_is_cleared_before_the_message():
+    """Ctrl-C while a bar iterated inside a generator is on screen: the generator (and so the bar)
+    outlives the exception's message, kept by its traceback, and the bar's half line took the
+    message (``[00:00<16:16, 2.46it/s]interrupted``). bars_cleared_on_error clears it first."""
+    import io
+
+    from utils.run.progress import ProgressBar, bars_cleared_on_error
+
+    def batches(stream):
+        yield from ProgressBar(range(10), file=stream, leave=False, mininterval=0, desc="predict")
+
+    for cleared in (False, True):
+        stream = io.StringIO()
+        try:
+            with bars_cleared_on_error() if cleared else contextlib.nullcontext():
+                running = batches(stream)  # a local, as in the loops that read batches
+                for i in running:
+                    if i == 2:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            print("interrupted", file=stream)
+        lines = [part.strip() for part in re.split(r"[\r\n]", stream.getvalue()) if part.strip()]
+        assert (lines[-1] == "interrupted") == cleared, (cleared, stream.getvalue())
+        del running
 
 
 class _StuckAfterFirst(torch.utils.data.Dataset):

@@ -7,6 +7,8 @@ for the interpreter's thread-list lock, held at the fork by that thread): the wo
 serves a batch and the run hangs. Our bars never start that thread."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from tqdm.auto import tqdm
 
 
@@ -15,3 +17,17 @@ class ProgressBar(tqdm):
     have not printed for ``maxinterval`` seconds)."""
 
     monitor_interval = 0
+
+
+@contextmanager
+def bars_cleared_on_error():
+    """Close every bar still on screen when an exception leaves the block, so the message that
+    follows (``interrupted``, ``error: ...``) starts its own line. A bar iterated inside a
+    generator is otherwise closed only when that generator is collected, which the exception's
+    traceback delays until after the message."""
+    try:
+        yield
+    except BaseException:
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        raise
