@@ -17,21 +17,22 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   with the ratios the project tracks;
 * ``--stages``: each stage and each reuse path timed alone (inputs prepared beforehand), with
   its multiply-adds and GFLOP/s;
-* ``--early-exit``: real early exit at the exit shares of budget row ``--budget-index``
-  (default 10: the shares at which the paper's T2T-ViT-14 cascade matches its static model)
-  against the static model of matched accuracy (``STATIC_MATCH``; ``--static`` overrides), same
-  dtype, for each batch size of ``--ee-batches``: one pool of images (a multiple of 7 and of the
-  batch) run batch by batch, the thresholds fitted on the pool itself (seeded random weights), so
-  the realised shares are the budget's; batch 1 adds per-image median and p90 latency; from
-  batch 2 on, "queued" runs the pool as one stream (``DVT.queued_early_exit``: the samples
-  that go on wait until a full batch of them is there); ``--whole-last-blocks`` adds a table of
-  early exit against itself with each stage's last block run for every token, as ``forward``
-  runs it, instead of for the class token first; ``--parts`` adds, for each row, where the time
-  of early exit (batch by batch and queued) and of the static model goes: embeddings,
-  transformer blocks, the relation reuse's convolutions, the grid resampling of relations and
-  features, the feature reuse's MLPs, and the rest (class token and positions, norms and
-  heads, exit decisions, gathering the samples that go on), one more pass of each with every
-  part timed on its own, and the operator calls per image of each (one pass in torch's profiler);
+* ``--early-exit``: real early exit at the exit shares of budget row ``--budget-index`` (default
+  10: the shares at which the paper's T2T-ViT-14 cascade matches its static model) against the
+  static model of matched accuracy (``STATIC_MATCH``; ``--static`` overrides), same dtype, for
+  each batch size of ``--ee-batches``: one pool of images (a multiple of 7 and of the batch, at
+  least ``--pool``, default 112) run batch by batch, the thresholds fitted on the pool itself
+  (seeded random weights), so the realised shares are the budget's; batch 1 adds per-image
+  median and p90 latency; from batch 2 on, "queued" runs the pool as one stream
+  (``DVT.queued_early_exit``: the samples that go on wait until a full batch of them is there);
+  ``--whole-last-blocks`` adds a table of early exit against itself with each stage's last block
+  run for every token, as ``forward`` runs it, instead of for the class token first; ``--parts``
+  adds, for each row, where the time of early exit (batch by batch and queued) and of the static
+  model goes: embeddings, transformer blocks, the relation reuse's convolutions, the grid
+  resampling of relations and features, the feature reuse's MLPs, and the rest (class token and
+  positions, norms and heads, exit decisions, gathering the samples that go on), one more pass
+  of each with every part timed on its own, and the operator calls per image of each (one pass
+  in torch's profiler);
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
@@ -384,10 +385,10 @@ def build_static(name: str, img_size: int, device: torch.device, dtype: torch.dt
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
-def pool_size(batch: int) -> int:
-    """Images timed per batch size: a multiple of 7 (budget row 10's shares are 4/7, 2/7, 1/7)
-    and of the batch, at least 112."""
-    return 7 * batch * math.ceil(16 / batch)
+def pool_size(batch: int, at_least: int = 112) -> int:
+    """Images timed per batch size: the smallest multiple of 7 (budget row 10's shares are 4/7,
+    2/7, 1/7) and of the batch that is at least ``at_least`` (``--pool``)."""
+    return 7 * batch * math.ceil(at_least / (7 * batch))
 
 
 def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
@@ -559,7 +560,7 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
     """Time one pool of images in batches of ``batch``: real early exit against the static model,
     interleaved round by round; per-image latency (best round of each image) at batch 1."""
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(pool_size(batch), 3, args.img_size, args.img_size, generator=gen).to(device, dtype)
+    images = torch.randn(pool_size(batch, args.pool), 3, args.img_size, args.img_size, generator=gen).to(device, dtype)
     thresholds = fitted_thresholds(model, images, args.budget_index, batch=min(batch, 32))
     batches = images.split(batch)
     with torch.inference_mode():
@@ -715,6 +716,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="real early exit against the static model of matched accuracy")
     parser.add_argument("--ee-batches", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes of --early-exit (default: --batch)")
+    parser.add_argument("--pool", type=int, default=112, metavar="N",
+                        help="images per batch size of --early-exit: the smallest multiple of 7 x the batch that is "
+                             "at least N (default 112)")
     parser.add_argument("--static", nargs="+", default=[], metavar="MODEL=STATIC",
                         help="static model for a cascade in --early-exit/--latency (default: matched accuracy, "
                              "else --baseline)")
@@ -732,6 +736,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.original is not None and not (args.original / "models_deit.py").is_file():
         parser.error(f"--original {args.original}: not a checkout of the original implementation (no models_deit.py)")
+    if args.pool < 1:
+        parser.error("--pool needs at least 1 image")
     if args.latency == 1:
         parser.error("--latency needs at least 2 images")
     if args.ee_batches is None:

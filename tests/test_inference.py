@@ -498,21 +498,21 @@ def test_speed_benchmark_runs(capfd):
     bench = load_script("benchmark")
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
-                       "--ee-batches", "1", "8", "--latency", "3", "--whole-last-blocks", "--parts"])
+                       "--ee-batches", "1", "8", "--pool", "28", "--latency", "3", "--whole-last-blocks", "--parts"])
     out, err = capfd.readouterr()
     assert code == 0 and "profiler_st" not in err and "gpuGetDeviceCount" not in err
     assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
     for heading in ("### All exits", "stages and reuse paths", "### Real early exit", "### Batch-1 latency"):
         assert heading in out, heading
     assert "| deit_tiny_patch16_224 |" in out and "| stage 3 relation reuse |" in out
-    # one pool per batch size (a multiple of 7 and of the batch): the budget's shares exactly
+    # one pool per batch size (the smallest multiple of 7 and of the batch from --pool on): the budget's shares
     head = "| DVT_tiny | deit_tiny_patch16_224 | fp32 |"
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith(head)]
-    assert [(r[3], r[4]) for r in rows] == [("1", "112"), ("8", "112")]
+    assert [(r[3], r[4]) for r in rows] == [("1", "28"), ("8", "56")]
     # the thresholds are fitted on the pool at the timed batch size; kernels of the smaller sub-batches
     # round differently, which may move an image that sits on a threshold (it did under the AVX2 caps)
     shares = [float(q) for q in rows[1][5].split(" / ")]
-    assert all(abs(q - t) <= 3 / 112 for q, t in zip(shares, (4 / 7, 2 / 7, 1 / 7))), shares
+    assert all(abs(q - t) <= 2 / 56 for q, t in zip(shares, (4 / 7, 2 / 7, 1 / 7))), shares
     assert rows[0][14] != "-" and rows[1][14] == "-"  # batch-1 latency only at batch 1
     assert rows[0][12] == "-" and float(rows[1][12]) > 0 and rows[1][13].endswith("x")  # queued: from batch 2 on
     # --whole-last-blocks: early exit against itself with every stage's last block whole, same rounds
@@ -540,6 +540,10 @@ def test_speed_benchmark_runs(capfd):
         with pytest.raises(SystemExit):
             bench.parse_args([flag])
         assert "pass --early-exit too" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--early-exit", "--pool", "0"])
+    assert "--pool needs at least 1 image" in capfd.readouterr().err
+    assert [bench.pool_size(b) for b in (1, 8, 16, 32, 64)] == [112, 112, 112, 224, 448]  # the default pools
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"
