@@ -51,6 +51,7 @@ import timm  # noqa: E402
 import models  # noqa: E402,F401  (registers the DVT models)
 from benchmark import OriginalWorker, build, cpu_flags, early_exit_vs_static, machine_description, matmul_peak, \
     model_gmacs  # noqa: E402
+from benchmark import parse_args as benchmark_args  # noqa: E402
 from bench_train import train_steps  # noqa: E402
 from models.deploy import compile_model  # noqa: E402
 from utils.budget.flops import exit_gflops  # noqa: E402
@@ -351,9 +352,9 @@ def early_exit(plan: Plan, device: torch.device, clock: Clock, lines: list[str])
             if clock.left() <= 0:
                 skipped.append(f"{name} at batch {batch}")
                 continue
-            args = argparse.Namespace(batch=batch, ee_batches=[batch], img_size=plan.img_size, baseline=plan.baseline,
-                                      static=[], budget_index=plan.budget_index, models=[name], repeats=plan.iters,
-                                      whole_last_blocks=False, parts=False)
+            args = benchmark_args(["--early-exit", "--models", name, "--batch", str(batch), "--img-size",
+                                   str(plan.img_size), "--baseline", plan.baseline, "--budget-index",
+                                   str(plan.budget_index), "--repeats", str(plan.iters)])  # its defaults for the rest
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 early_exit_vs_static(args, device, plan.early_dtypes)
