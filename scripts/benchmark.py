@@ -716,7 +716,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="real early exit against the static model of matched accuracy")
     parser.add_argument("--ee-batches", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes of --early-exit (default: --batch)")
-    parser.add_argument("--pool", type=int, default=112, metavar="N",
+    parser.add_argument("--pool", type=int, default=None, metavar="N",
                         help="images per batch size of --early-exit: the smallest multiple of 7 x the batch that is "
                              "at least N (default 112)")
     parser.add_argument("--static", nargs="+", default=[], metavar="MODEL=STATIC",
@@ -736,7 +736,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.original is not None and not (args.original / "models_deit.py").is_file():
         parser.error(f"--original {args.original}: not a checkout of the original implementation (no models_deit.py)")
-    if args.pool < 1:
+    if args.pool is not None and args.pool < 1:
         parser.error("--pool needs at least 1 image")
     if args.latency == 1:
         parser.error("--latency needs at least 2 images")
@@ -744,9 +744,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.ee_batches = [args.batch]
     if any("=" not in item for item in args.static):
         parser.error("--static takes MODEL=STATIC pairs")
-    for flag, given in (("--parts", args.parts), ("--whole-last-blocks", args.whole_last_blocks)):
+    for flag, given in (("--parts", args.parts), ("--whole-last-blocks", args.whole_last_blocks),
+                        ("--pool", args.pool is not None)):
         if given and not args.early_exit:
             parser.error(f"{flag} adds to --early-exit: pass --early-exit too")
+    args.pool = 112 if args.pool is None else args.pool
     return args
 
 

@@ -536,9 +536,10 @@ def test_speed_benchmark_runs(capfd):
     assert ms(parts["8", "relation reuse: convolutions"][0]) > 0 and ms(parts["8", "grid resampling"][1]) > 0
     assert parts["8", "relation reuse: convolutions"][2] == parts["8", "feature reuse: MLPs"][2] == "-"
     assert parts["1", "embedding"][1] == "-"  # queued from batch 2 on
-    for flag in ("--parts", "--whole-last-blocks"):  # options of --early-exit: refused without it, not ignored
+    # options of --early-exit: refused without it, not ignored
+    for flags in (["--parts"], ["--whole-last-blocks"], ["--pool", "28"]):
         with pytest.raises(SystemExit):
-            bench.parse_args([flag])
+            bench.parse_args(flags)
         assert "pass --early-exit too" in capfd.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--early-exit", "--pool", "0"])
