@@ -385,7 +385,10 @@ def build_static(name: str, img_size: int, device: torch.device, dtype: torch.dt
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
-def pool_size(batch: int, at_least: int = 112) -> int:
+DEFAULT_POOL = 112  # images per batch size of --early-exit, at least
+
+
+def pool_size(batch: int, at_least: int = DEFAULT_POOL) -> int:
     """Images timed per batch size: the smallest multiple of 7 (budget row 10's shares are 4/7,
     2/7, 1/7) and of the batch that is at least ``at_least`` (``--pool``)."""
     return 7 * batch * math.ceil(at_least / (7 * batch))
@@ -718,7 +721,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="batch sizes of --early-exit (default: --batch)")
     parser.add_argument("--pool", type=int, default=None, metavar="N",
                         help="images per batch size of --early-exit: the smallest multiple of 7 x the batch that is "
-                             "at least N (default 112)")
+                             f"at least N (default {DEFAULT_POOL})")
     parser.add_argument("--static", nargs="+", default=[], metavar="MODEL=STATIC",
                         help="static model for a cascade in --early-exit/--latency (default: matched accuracy, "
                              "else --baseline)")
@@ -748,7 +751,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         ("--pool", args.pool is not None)):
         if given and not args.early_exit:
             parser.error(f"{flag} adds to --early-exit: pass --early-exit too")
-    args.pool = 112 if args.pool is None else args.pool
+    args.pool = DEFAULT_POOL if args.pool is None else args.pool
     return args
 
 
