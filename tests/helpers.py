@@ -163,11 +163,11 @@ def child_pids(parent: int) -> list[int]:
 
 
 def spread_cascade(name: str = "DVT_tiny", img_size: int = 32, num_classes: int = 5, head_scale: float = 30.0,
-                   seed: int = 0) -> models.DVT:
+                   seed: int = 0, **overrides) -> models.DVT:
     """A seeded cascade with one block per stage, in eval mode, its heads scaled up so that the
-    confidences spread out."""
+    confidences spread out; ``overrides``: more :class:`models.DVT` arguments."""
     torch.manual_seed(seed)
-    model = models.build_dvt(name, img_size=img_size, depth=1, num_classes=num_classes)
+    model = models.build_dvt(name, img_size=img_size, depth=1, num_classes=num_classes, **overrides)
     with torch.no_grad():
         for stage in model.stages:
             stage.head.weight.mul_(head_scale)
