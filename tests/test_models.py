@@ -711,6 +711,36 @@ def test_soft_splits_are_the_unfolds(dtype):
 
 
 @pytest.mark.parametrize("frozen", [False, True])
+def test_patch_embedding_as_a_product_equals_the_convolution(monkeypatch, frozen):
+    """CPU inference embeds non-overlapping patches by one matrix product (frozen weights packed
+    on AVX-512): the convolution's tokens for each released geometry and for one that leaves
+    rows and columns out; with gradients, under autocast's bf16 and where the flag is off, the
+    values agree too, and the convolution itself runs where gradients are on."""
+    from models.dvt import PatchEmbed
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 224, 224)
+    for geometry in ((32, 32, 0), (23, 23, 3), (16, 16, 0), (15, 15, 1)):
+        embed = PatchEmbed(geometry, 3, 64).eval().requires_grad_(not frozen)
+        with torch.no_grad():
+            want = embed(x)
+            assert want.shape == (3, ((224 + 2 * geometry[2]) // geometry[0]) ** 2, 64)
+            torch.testing.assert_close(embed(x, as_product=True), want, rtol=0, atol=2e-5)
+            assert embed(x[:0], as_product=True).shape == (0,) + want.shape[1:]  # an empty batch
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.testing.assert_close(embed(x, as_product=True).float(), want, rtol=0, atol=0.1)
+    calls = []
+    monkeypatch.setattr(PatchEmbed, "_patch_product", lambda self, x: calls.append(1))
+    embed = PatchEmbed((16, 16, 0), 3, 64).requires_grad_(True)
+    embed(x, as_product=True).sum().backward()  # training: the convolution
+    assert embed.proj.weight.grad is not None and not calls
+    with torch.no_grad():
+        embed(x)  # the flag off: the convolution
+        assert not calls
+        embed(x, as_product=True)
+        assert calls == [1]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
 def test_t2t_embedding_matches_the_unfold_formulation(frozen):
     """The T2T embedding with permuted weights gives what unfold -> Performer -> unfold ->
     Performer -> unfold -> linear gives with the parameters as stored. Frozen weights are
