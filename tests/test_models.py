@@ -738,6 +738,12 @@ def test_patch_embedding_as_a_product_equals_the_convolution(monkeypatch, frozen
         assert not calls
         embed(x, as_product=True)
         assert calls == [1]
+        handle = embed.proj.register_forward_hook(lambda *args: None)  # a hook on the convolution is kept
+        embed(x, as_product=True)
+        assert calls == [1]
+        handle.remove()
+        overlapping = PatchEmbed((16, 8, 0), 3, 64)
+        assert overlapping(x, as_product=True).shape == (3, 27 * 27, 64) and calls == [1]
 
 
 @pytest.mark.parametrize("frozen", [False, True])
