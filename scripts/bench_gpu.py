@@ -79,6 +79,7 @@ class Plan:
     compile_backend: str = "inductor"
     compile_min_s: float = 45.0  # no compilation starts with less time than this left
     budget_index: int = 10
+    pool: Optional[int] = None  # images per batch size of the early-exit rows; None: benchmark.py's default
     not_here: list[str] = field(default_factory=list)  # what this plan leaves to a GPU
 
 
@@ -94,12 +95,13 @@ def gpu_plan() -> Plan:
 
 def dry_plan() -> Plan:
     """Every section on the CPU in seconds: DVT_tiny at 32 px, batches of 2 and 4, float32 and
-    bfloat16 (float16 autocast needs CUDA), compilation with a light backend."""
+    bfloat16 (float16 autocast needs CUDA), early exit on pools of 28 images, compilation with a
+    light backend."""
     return Plan(
         models=["DVT_tiny"], baseline="deit_tiny_patch16_224", img_size=32, batches=[2, 4], precisions=["fp32", "bf16"],
         warmup=1, iters=2, early_models=["DVT_tiny"], early_dtypes=["fp32"], train_models=["DVT_tiny"],
         train_precisions=["fp32", "bf16"], train_batch=4, compile_cases=[("DVT_tiny", "fp32")],
-        compile_backend="aot_eager", compile_min_s=5.0,
+        compile_backend="aot_eager", compile_min_s=5.0, pool=28,
         not_here=["the released models at 224 px, batches 64 and 256", "float16 autocast",
                   "CUDA-event timing and peak GPU memory", "the original implementation on the GPU"])
 
@@ -354,7 +356,8 @@ def early_exit(plan: Plan, device: torch.device, clock: Clock, lines: list[str])
                 continue
             args = benchmark_args(["--early-exit", "--models", name, "--batch", str(batch), "--img-size",
                                    str(plan.img_size), "--baseline", plan.baseline, "--budget-index",
-                                   str(plan.budget_index), "--repeats", str(plan.iters)])  # its defaults for the rest
+                                   str(plan.budget_index), "--repeats", str(plan.iters)]
+                                  + (["--pool", str(plan.pool)] if plan.pool else []))  # its defaults for the rest
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 early_exit_vs_static(args, device, plan.early_dtypes)
