@@ -3,6 +3,7 @@ stops the export cleanly, and Ctrl-C in inference.py with loader workers prints 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
@@ -39,6 +40,39 @@ def test_progress_bars_start_no_thread():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.stdout.split() == ["0", "1"], out.stdout + out.stderr
+
+
+def test_a_bar_iterates_what_it_wraps_once(monkeypatch):
+    """A bar made over a DataLoader and then read calls ``iter()`` on it once: each call starts
+    a set of workers (a second one was started and never read while the bars came from
+    ``tqdm.auto``). Shown or not."""
+    from utils.run.progress import ProgressBar
+
+    class Counted:
+        calls = 0
+
+        def __iter__(self):
+            Counted.calls += 1
+            return iter(range(3))
+
+        def __len__(self):
+            return 3
+
+    for disable in (True, False):
+        Counted.calls = 0
+        assert list(ProgressBar(Counted(), disable=disable, file=io.StringIO())) == [0, 1, 2]
+        assert Counted.calls == 1, disable
+    worker_sets = []
+    start_workers = torch.utils.data.dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counted(self, loader):
+        worker_sets.append(loader)
+        start_workers(self, loader)
+
+    monkeypatch.setattr(torch.utils.data.dataloader._MultiProcessingDataLoaderIter, "__init__", counted)
+    loader = torch.utils.data.DataLoader(range(4), batch_size=2, num_workers=1)
+    assert [b.tolist() for b in ProgressBar(loader, disable=True)] == [[0, 1], [2, 3]]
+    assert len(worker_sets) == 1
 
 
 def test_a_bar_an_exception_left_open_is_cleared_before_the_message():
