@@ -51,7 +51,7 @@ import timm  # noqa: E402
 import models  # noqa: E402,F401  (registers the DVT models)
 from benchmark import OriginalWorker, build, cpu_flags, early_exit_vs_static, machine_description, matmul_peak, \
     model_gmacs  # noqa: E402
-from benchmark import parse_args as benchmark_args  # noqa: E402
+from benchmark import DEFAULT_POOL, parse_args as benchmark_args  # noqa: E402
 from bench_train import train_steps  # noqa: E402
 from models.deploy import compile_model  # noqa: E402
 from utils.budget.flops import exit_gflops  # noqa: E402
@@ -79,7 +79,7 @@ class Plan:
     compile_backend: str = "inductor"
     compile_min_s: float = 45.0  # no compilation starts with less time than this left
     budget_index: int = 10
-    pool: Optional[int] = None  # images per batch size of the early-exit rows; None: benchmark.py's default
+    pool: int = DEFAULT_POOL  # images per batch size of the early-exit rows (benchmark.py --pool)
     not_here: list[str] = field(default_factory=list)  # what this plan leaves to a GPU
 
 
@@ -356,8 +356,8 @@ def early_exit(plan: Plan, device: torch.device, clock: Clock, lines: list[str])
                 continue
             args = benchmark_args(["--early-exit", "--models", name, "--batch", str(batch), "--img-size",
                                    str(plan.img_size), "--baseline", plan.baseline, "--budget-index",
-                                   str(plan.budget_index), "--repeats", str(plan.iters)]
-                                  + (["--pool", str(plan.pool)] if plan.pool else []))  # its defaults for the rest
+                                   str(plan.budget_index), "--repeats", str(plan.iters),
+                                   "--pool", str(plan.pool)])  # its defaults for the rest
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 early_exit_vs_static(args, device, plan.early_dtypes)
