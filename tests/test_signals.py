@@ -113,16 +113,21 @@ class _StuckAfterFirst(torch.utils.data.Dataset):
         return torch.zeros(1)
 
 
-def test_close_loaders_ends_a_worker_stuck_in_a_sample(monkeypatch):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_close_loaders_ends_a_worker_stuck_in_a_sample(monkeypatch, persistent):
     """The workers ignore SIGTERM, so one busy in a sample that never returns outlives torch's
     shutdown (which ends with SIGTERM), and the interpreter's exit would wait for it for ever
-    after the run's work is done. close_loaders kills it."""
+    after the run's work is done. close_loaders kills it, also for a loader that is not
+    persistent (the iterator is then held elsewhere: here by the test, in a run by the
+    traceback of the generator that read it)."""
     from torch.utils.data import _utils as loader_utils
 
     from utils.data.loader import close_loaders, make_loader
-    loader = make_loader(_StuckAfterFirst(), None, batch_size=1, workers=1)
-    assert next(iter(loader)).shape == (1, 1)
-    worker = loader._iterator._workers[0]  # now in sample 1, fetched ahead
+    loader = make_loader(_StuckAfterFirst(), None, batch_size=1, workers=1, persistent=persistent)
+    iterator = iter(loader)
+    assert next(iterator).shape == (1, 1)
+    assert (loader._iterator is iterator) == persistent
+    worker = iterator._workers[0]  # now in sample 1, fetched ahead
     # torch's shutdown waits this long for the worker twice (before and after its SIGTERM): 5 s each
     monkeypatch.setattr(loader_utils, "MP_STATUS_CHECK_INTERVAL", 0.5)
     try:

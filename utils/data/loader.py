@@ -170,29 +170,46 @@ class BatchShardSampler(Sampler):
         return len(self.index())
 
 
-_OPEN_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+_OPEN_LOADERS: "weakref.WeakSet[TrackedLoader]" = weakref.WeakSet()
 
 
 def close_loaders() -> None:
     """Stop the workers of every loader still open. A run that ends by an exception may leave
-    a loader alive until the interpreter exits, which then terminates the workers with SIGTERM
+    a loader's iterator alive until the interpreter exits (a persistent loader holds it; a
+    generator's traceback may hold another's), which then terminates the workers with SIGTERM
     and waits for them; the workers ignore SIGTERM (:func:`utils.run.signals.worker_ignores_signals`), so the
     process would never end. Shutting them down here ends them through their own queue; a
     worker that has not ended after that (busy in a sample that never returns, or locked
     before it started) is killed, as nothing it holds is needed any more."""
     for loader in list(_OPEN_LOADERS):
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        for iterator in list(loader.worker_iterators):
             iterator._shutdown_workers()
-            for worker in getattr(iterator, "_workers", ()):
+            for worker in iterator._workers:
                 if worker.is_alive():
                     worker.kill()
                     worker.join(timeout=10)
+        loader.worker_iterators.clear()
         loader._iterator = None
     _OPEN_LOADERS.clear()
 
 
-class QuietCtrlCLoader(DataLoader):
+class TrackedLoader(DataLoader):
+    """A DataLoader that keeps its worker-backed iterators, persistent or not, within reach of
+    :func:`close_loaders`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.worker_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            self.worker_iterators.add(iterator)
+            _OPEN_LOADERS.add(self)
+        return iterator
+
+
+class QuietCtrlCLoader(TrackedLoader):
     """A DataLoader that starts its workers with Ctrl-C held back (see :class:`utils.run.signals.CtrlC`)."""
 
     def __iter__(self):
@@ -216,11 +233,9 @@ def make_loader(dataset: Dataset, sampler: Optional[Sampler], batch_size: int, w
     if pin_memory is None:
         pin_memory = env is not None and env.device.type == "cuda"
     init = functools.partial(worker_ignores_signals, signals=(signal.SIGINT,)) if ctrl_c else worker_ignores_signals
-    loader = (QuietCtrlCLoader if ctrl_c else DataLoader)(
+    loader = (QuietCtrlCLoader if ctrl_c else TrackedLoader)(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed), worker_init_fn=init if workers > 0 else None,
         collate_fn=collate_fn)
-    if workers > 0:
-        _OPEN_LOADERS.add(loader)
     return loader
