@@ -2,7 +2,8 @@
 
 Each fenced block in ``bash``, ``sh``, ``shell`` or ``python`` is run in a subprocess from the
 repository root (bash: ``bash -e -o pipefail``; python: ``python -c``), with a timeout; a failure
-names the block's file and line and shows the code as it ran and its output. Output listings are
+names the block's file and line and shows the code as it ran and its output. While a test waits
+for its block, the next block already runs beside it (:class:`OneAhead`). Output listings are
 fenced as ``text`` and not run; every fence must name its language.
 
 The examples name real datasets and checkpoints; here they run on tiny stand-ins, by the
@@ -22,8 +23,8 @@ value of an option wins):
 
 A block that cannot run here (several nodes, a cluster, the network) is preceded by
 ``<!-- not-run: REASON -->`` and skipped with that reason. Blocks that launch torchrun, compile or
-export (:data:`SLOW`), and those preceded by ``<!-- slow: REASON -->``, are marked ``slow``: the
-rest takes about a minute and a half on 2 cores.
+export (:data:`SLOW`), and those preceded by ``<!-- slow: REASON -->``, are marked ``slow`` (and
+run alone); the rest takes about a minute and a half on 2 cores.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,19 +192,77 @@ def as_run(block: Block, values: dict[str, str]) -> str:
     return code
 
 
-def run_block(code: str, language: str, timeout: float) -> tuple[int | None, str]:
-    """Exit status (None after the timeout) and the combined output."""
+def start_block(code: str, language: str) -> subprocess.Popen:
+    """The block's process, its output (stdout and stderr) going to a file, so that a process
+    nobody reads yet never blocks on a full pipe."""
     env = {**os.environ, **ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cmd = [sys.executable, "-c", code] if language == "python" else ["bash", "-e", "-o", "pipefail", "-c", code]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def finish_block(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str]:
+    """Exit status (None after the timeout, the process group killed) and the combined output."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
+        status = proc.wait(timeout=max(timeout, 0.1))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
-        out, _ = proc.communicate()
-        return None, out
+        proc.wait()
+        status = None
+    proc.log.seek(0)
+    out = proc.log.read()
+    proc.log.close()
+    return status, out
+
+
+def run_block(code: str, language: str, timeout: float) -> tuple[int | None, str]:
+    """Exit status (None after the timeout) and the combined output."""
+    return finish_block(start_block(code, language), timeout)
+
+
+class OneAhead:
+    """Runs the blocks of this session's tests in their order, one ahead: while a test waits for
+    its block, the next block's process runs beside it (each on one thread: on 2 cores the docs'
+    blocks take about half the time). A block asked for out of order starts then."""
+
+    def __init__(self, blocks: list[Block], values: dict[str, str], tmp_path_factory) -> None:
+        self.order, self.values, self.tmp = [b.where for b in blocks], values, tmp_path_factory
+        self.blocks = {b.where: b for b in blocks}
+        self.running: dict[str, tuple[str, subprocess.Popen, float]] = {}
+        self.done: set[str] = set()
+
+    def _start(self, block: Block) -> None:
+        code = as_run(block, {**self.values, "out": str(self.tmp.mktemp("block"))})
+        self.running[block.where] = (code, start_block(code, block.language), time.monotonic())
+
+    def result(self, block: Block, timeout: float) -> tuple[str, int | None, str]:
+        """The block's code as run, its exit status (None after ``timeout`` s from its start) and output."""
+        if block.where not in self.running:
+            self._start(block)
+        self.done.add(block.where)
+        ahead = next((w for w in self.order[self.order.index(block.where) + 1:] if w not in self.done), None)
+        if ahead is not None and ahead not in self.running:
+            self._start(self.blocks[ahead])
+        code, proc, started = self.running.pop(block.where)
+        return (code, *finish_block(proc, started + timeout - time.monotonic()))
+
+    def close(self) -> None:
+        for _, proc, _ in self.running.values():  # started ahead for a test that did not run (-x)
+            finish_block(proc, 0)
+
+
+@pytest.fixture(scope="module")
+def blocks_ahead(request, stand_ins, tmp_path_factory):
+    """:class:`OneAhead` over the blocks this session runs (not those skipped or deselected)."""
+    selected = [item.callspec.params["block"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_block_runs" and item.module is request.module]
+    runner = OneAhead([b for b in selected if not b.not_run and not missing_extras(b.code) and not b.slow],
+                      stand_ins, tmp_path_factory)
+    yield runner
+    runner.close()
 
 
 # Blocks that use the optional extras of requirements-deploy.txt, and the packages they need: they
@@ -217,13 +278,17 @@ def missing_extras(code: str) -> list[str]:
 
 
 @pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
-def test_block_runs(block: Block, stand_ins, tmp_path):
+def test_block_runs(block: Block, stand_ins, blocks_ahead, tmp_path):
     missing = missing_extras(block.code)
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (pip install -r requirements-deploy.txt)")
-    code = as_run(block, {**stand_ins, "out": str(tmp_path)})
-    timeout = SLOW_TIMEOUT_S if block.slow else TIMEOUT_S
-    status, out = run_block(code, block.language, timeout)
+    if block.slow:  # alone: torchrun, compilation and export use both cores
+        code = as_run(block, {**stand_ins, "out": str(tmp_path)})
+        timeout = SLOW_TIMEOUT_S
+        status, out = run_block(code, block.language, timeout)
+    else:
+        timeout = TIMEOUT_S
+        code, status, out = blocks_ahead.result(block, timeout)
     if status != 0:
         what = f"timed out after {timeout} s" if status is None else f"exit status {status}"
         pytest.fail(f"{block.where}: {block.language} block, {what}\n--- as run ---\n{code}--- output (end) ---\n"
