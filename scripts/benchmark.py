@@ -39,8 +39,9 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   compile time, images/second, largest difference.
 
 Timing: a warm-up call, then ``--repeats`` rounds in which every configuration runs once in
-turn; the best round of each is kept (on a shared machine other processes only add time),
-so ratios within a table come from the same minutes. The original implementation runs in a
+turn (``--early-exit``: batch by batch, early exit and the static model in turn on each batch);
+the best round of each is kept (on a shared machine other processes only add time), so ratios
+within a table come from the same minutes. The original implementation runs in a
 child process (its vendored timm would shadow the installed one), driven round by round from
 here so it is interleaved too.
 """
@@ -578,11 +579,13 @@ def _early_exit_row(model, base, batch: int, dtype: torch.dtype, flops: list[flo
     per_image = {k: [float("inf")] * len(batches) for k in fns}
     best = {k: float("inf") for k in (*fns, *streams)}
     for r in range(args.repeats + 1):  # round 0 is the warm-up
-        for k, fn in fns.items():
-            times = [_time_once(lambda: fn(xb), device) for xb in batches]
-            if r:
-                best[k] = min(best[k], sum(times))
-                per_image[k] = [min(a, t) for a, t in zip(per_image[k], times)]
+        times = {k: [] for k in fns}
+        for xb in batches:  # each batch by every configuration in turn: both sides of a ratio see the same seconds
+            for k, fn in fns.items():
+                times[k].append(_time_once(lambda: fn(xb), device))
+        for k, t in times.items() if r else ():
+            best[k] = min(best[k], sum(t))
+            per_image[k] = [min(a, b) for a, b in zip(per_image[k], t)]
         for k, steps in streams.items() if batch > 1 else ():  # the pool as one stream, later stages on full batches
             t = _time_once(lambda: list(model.queued_early_exit(batches, thresholds, steps=steps)), device)
             if r:
