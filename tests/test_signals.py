@@ -118,8 +118,10 @@ def test_close_loaders_ends_a_worker_stuck_in_a_sample(monkeypatch, persistent):
     """The workers ignore SIGTERM, so one busy in a sample that never returns outlives torch's
     shutdown (which ends with SIGTERM), and the interpreter's exit would wait for it for ever
     after the run's work is done. close_loaders kills it, also for a loader that is not
-    persistent (the iterator is then held elsewhere: here by the test, in a run by the
-    traceback of the generator that read it)."""
+    persistent, whose iterator is held elsewhere (in a run, by the traceback of the generator
+    that read it), even when the loader itself is gone."""
+    import gc
+
     from torch.utils.data import _utils as loader_utils
 
     from utils.data.loader import close_loaders, make_loader
@@ -128,11 +130,16 @@ def test_close_loaders_ends_a_worker_stuck_in_a_sample(monkeypatch, persistent):
     assert next(iterator).shape == (1, 1)
     assert (loader._iterator is iterator) == persistent
     worker = iterator._workers[0]  # now in sample 1, fetched ahead
+    if not persistent:
+        del loader
+        gc.collect()
     # torch's shutdown waits this long for the worker twice (before and after its SIGTERM): 5 s each
     monkeypatch.setattr(loader_utils, "MP_STATUS_CHECK_INTERVAL", 0.5)
     try:
         close_loaders()
         assert not worker.is_alive()
+        if persistent:
+            assert loader._iterator is None  # iterated again, it starts new workers
     finally:
         if worker.is_alive():
             worker.kill()

@@ -170,7 +170,10 @@ class BatchShardSampler(Sampler):
         return len(self.index())
 
 
+# make_loader's loaders that started workers, and their worker-backed iterators: a loader that is
+# not persistent holds none of its iterators, and an iterator holds no loader
 _OPEN_LOADERS: "weakref.WeakSet[TrackedLoader]" = weakref.WeakSet()
+_OPEN_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def close_loaders() -> None:
@@ -181,30 +184,25 @@ def close_loaders() -> None:
     process would never end. Shutting them down here ends them through their own queue; a
     worker that has not ended after that (busy in a sample that never returns, or locked
     before it started) is killed, as nothing it holds is needed any more."""
+    for iterator in list(_OPEN_ITERATORS):
+        iterator._shutdown_workers()
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
     for loader in list(_OPEN_LOADERS):
-        for iterator in list(loader.worker_iterators):
-            iterator._shutdown_workers()
-            for worker in iterator._workers:
-                if worker.is_alive():
-                    worker.kill()
-                    worker.join(timeout=10)
-        loader.worker_iterators.clear()
-        loader._iterator = None
+        loader._iterator = None  # a persistent loader starts new workers when iterated again
+    _OPEN_ITERATORS.clear()
     _OPEN_LOADERS.clear()
 
 
 class TrackedLoader(DataLoader):
-    """A DataLoader that keeps its worker-backed iterators, persistent or not, within reach of
-    :func:`close_loaders`."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.worker_iterators: "weakref.WeakSet" = weakref.WeakSet()
+    """A DataLoader whose worker-backed iterators, persistent or not, :func:`close_loaders` reaches."""
 
     def _get_iterator(self):
         iterator = super()._get_iterator()
         if self.num_workers > 0:
-            self.worker_iterators.add(iterator)
+            _OPEN_ITERATORS.add(iterator)
             _OPEN_LOADERS.add(self)
         return iterator
 
