@@ -16,7 +16,7 @@ order of precedence:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -29,14 +29,17 @@ ALWAYS = FINAL_THRESHOLD  # the last exit's threshold: every image left exits th
 
 
 def as_plain(value: Any) -> Any:
-    """Tensors, numpy values and nested lists of them as Python numbers and lists (printable,
-    JSON-serialisable, ``ast.literal_eval``-readable); Python numbers are kept as they are."""
+    """Tensors, numpy values and nested lists, tuples and mappings of them as Python numbers,
+    lists and dicts with string keys (printable, JSON-serialisable, ``ast.literal_eval``-readable);
+    Python numbers are kept as they are."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().tolist()
     elif hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         return [as_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): as_plain(v) for k, v in value.items()}
     return value
 
 

@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import torch.nn as nn
 
+from ..budget.choice import as_plain
 from ..errors import CheckpointError, CheckpointWriteError
 from .files import default_file_mode, os_error_in
 from .model_folder import CONFIG_FILE, RESULT_KEYS, WEIGHTS_FILE
@@ -32,25 +32,12 @@ _CFG_KEYS = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "cro
              "num_classes", "pool_size", "first_conv", "classifier", "paper_name", "paper_ids")
 
 
-def _plain(value: Any) -> Any:
-    """Tensors, numpy numbers and tuples as JSON values (lists and floats)."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    return value
-
-
 def model_config(model: nn.Module, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of ``model`` (a cascade built from ``checkpoint``, weights loaded),
     with the results ``checkpoint`` stores (see :data:`RESULT_KEYS`) and its class names."""
     plain = unwrap_model(model)
     cfg = dict(getattr(plain, "pretrained_cfg", None) or {})
-    pretrained_cfg = {k: _plain(cfg[k]) for k in _CFG_KEYS if cfg.get(k) is not None}
+    pretrained_cfg = {k: as_plain(cfg[k]) for k in _CFG_KEYS if cfg.get(k) is not None}
     pretrained_cfg["num_classes"] = plain.num_classes
     if getattr(plain, "img_size", None):  # the token grids fix the input size
         pretrained_cfg["input_size"] = [pretrained_cfg.get("input_size", [3])[0], plain.img_size, plain.img_size]
@@ -60,12 +47,12 @@ def model_config(model: nn.Module, checkpoint: Mapping[str, Any]) -> dict[str, A
         "num_classes": plain.num_classes,
         "num_features": getattr(plain, "num_features", None),
         "pretrained_cfg": pretrained_cfg,
-        "model_args": _plain(dict(getattr(plain, "model_kwargs", {}))),
+        "model_args": as_plain(dict(getattr(plain, "model_kwargs", {}))),
     }
     if names:
         config["label_names"] = list(names)
     config["dvt"] = {"format": FOLDER_FORMAT, "num_exits": plain.num_exits,
-                     **{k: _plain(checkpoint[k]) for k in RESULT_KEYS if checkpoint.get(k) is not None}}
+                     **{k: as_plain(checkpoint[k]) for k in RESULT_KEYS if checkpoint.get(k) is not None}}
     return config
 
 
