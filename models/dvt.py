@@ -21,7 +21,7 @@ from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from .layers import (Block, GridResample, TokenPerformer, capturing_graph, channels_last_weight, fused_inference,
-                     inference_linear, pointwise_conv_weight, sinusoid_table)
+                     inference_linear, plain_layer, pointwise_conv_weight, sinusoid_table)
 
 __all__ = ["DVT", "DVTStage", "T2TStage", "ViTStage", "StageOutput", "EarlyExitOutput", "ExitStep", "run_early_exit",
            "queued_early_exit", "EarlyExitStream", "unfold_grid"]
@@ -520,9 +520,8 @@ class PatchEmbed(nn.Module):
         """The projection is an ``nn.Conv2d`` itself, without hooks, over patches that do not
         overlap, zero-padded: one matrix product computes what it computes."""
         conv = self.proj
-        return (type(conv) is nn.Conv2d and not conv._forward_hooks and not conv._forward_pre_hooks
-                and conv.stride == conv.kernel_size and conv.dilation == (1, 1) and conv.groups == 1
-                and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+        return (plain_layer(conv, nn.Conv2d) and conv.stride == conv.kernel_size and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
     def _patch_product(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.proj

@@ -433,16 +433,16 @@ def _autocast_dtype() -> Optional[torch.dtype]:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
 
-def _plain(layer: nn.Module) -> bool:
-    """An ``nn.Linear`` itself (not a subclass or a wrapper) with no hooks: replacing its call
-    by the fused product changes nothing but speed."""
-    return type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+def plain_layer(layer: nn.Module, kind: type = nn.Linear) -> bool:
+    """A ``kind`` itself (not a subclass or a wrapper) with no forward hooks: replacing its call
+    by a product that computes the same changes nothing but speed."""
+    return type(layer) is kind and not layer._forward_hooks and not layer._forward_pre_hooks
 
 
 def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``layer(x)`` may run as :func:`inference_linear`: a plain linear layer in eval
     mode, in the inference :func:`fused_inference` allows."""
-    return not layer.training and _plain(layer) and fused_inference(x, layer.weight)
+    return not layer.training and plain_layer(layer) and fused_inference(x, layer.weight)
 
 
 def run_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
