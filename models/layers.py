@@ -260,8 +260,9 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      gelu: bool = False) -> torch.Tensor:
     """``F.linear`` (then exact GELU when ``gelu``) for inference: on the CPU in float32 or
     bfloat16, one oneDNN product with the bias (and the GELU) applied as it writes its result,
-    instead of a pass that copies the bias into the output and another for the GELU; a float32
-    frozen parameter is read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, where
+    instead of a pass that copies the bias into the output and another for the GELU (in float32
+    with AVX2 code the GELU runs after the product: faster there); a float32 frozen parameter is
+    read in oneDNN's own layout (:func:`packed_weight`). Elsewhere, where
     torch lacks the fused kernel, and under a dispatch mode (a FLOP counter, which knows the
     plain operations only), the plain operations. Under CPU autocast the operands are cast to its
     dtype first (:func:`autocast_weight`), as autocast casts ``F.linear``'s. No gradients."""
@@ -274,6 +275,8 @@ def inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if fused_linear_works(x.dtype):
             if x.dtype == torch.float32:
                 weight = packed_weight(weight)
+                if gelu and torch.backends.cpu.get_cpu_capability() != "AVX512":
+                    return torch.ops.aten.gelu_(torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], ""))
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                       "none" if gelu else "")
     y = F.linear(x, weight, bias)
@@ -407,15 +410,21 @@ def packing_works() -> bool:
     return bool((out == 4).all())
 
 
+# Measured with AVX2 code only (AMD EPYC, 2 threads, DeiT-S's four products, weights cycling
+# through a stage's 12 blocks as inference reads them): oneDNN's product on packed float32 weights
+# beats the plain one by 1.4-1.9x at 1-16 rows and 1.15x at 50 (17.8 vs 20.5 ms for a stage's 48
+# products), is even at 250 rows and loses from 300 on (0.85x at 800); a whole stage on one
+# image's 197 tokens gained nothing, hence the bound. Its fused GELU is slower than a separate one there.
+AVX2_PACKED_MAX_ROWS = 128
+
+
 def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a block's linear layers run as :func:`inference_linear`: CPU inference in
-    bfloat16, and in float32 where torch runs AVX-512 code and the weights are frozen. Fusing
+    bfloat16, and in float32 with frozen weights (packed, :func:`packed_weight`) where torch runs
+    AVX-512 code, or AVX2 code on at most ``AVX2_PACKED_MAX_ROWS`` rows (tokens x images). Fusing
     the bias and the GELU into the product saves a pass over each output: a DeiT-S block is
-    4-14% faster in bfloat16 (2 cores, AMX). In float32 the fused products win only with their
-    weights packed (:func:`packed_weight`, frozen weights only); with AVX2 code they are within
-    noise of the plain ones (2 cores), so the plain ones stay there. Under CPU autocast the
-    autocast dtype decides (bfloat16 only), whatever ``x``'s dtype: :func:`inference_linear`
-    casts as autocast would."""
+    4-14% faster in bfloat16 (2 cores, AMX). Under CPU autocast the autocast dtype decides
+    (bfloat16 only), whatever ``x``'s dtype: :func:`inference_linear` casts as autocast would."""
     if x.device.type != "cpu" or torch.is_grad_enabled() or capturing_graph():
         return False
     dtype = _autocast_dtype()
@@ -424,7 +433,9 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if weight.dtype != x.dtype or not fused_linear_works(x.dtype):
         return False
     if x.dtype == torch.float32:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512" and packs(weight)
+        capability = torch.backends.cpu.get_cpu_capability()
+        rows = x.numel() // max(x.shape[-1], 1)
+        return packs(weight) and (capability == "AVX512" or (capability == "AVX2" and rows <= AVX2_PACKED_MAX_ROWS))
     return x.dtype == torch.bfloat16
 
 

@@ -317,10 +317,13 @@ def test_cpu_relation_kernels_equal_the_reference_products(dtype, frozen):
     assert fast[-1].float().std() > 0.1  # not an answer that any path would give
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_linear_without_the_fused_kernel(monkeypatch, dtype):
-    """The fused oneDNN product and the plain linear (+ exact GELU) it stands for agree."""
+@pytest.mark.parametrize("dtype, capability", [(torch.float32, "AVX512"), (torch.float32, "AVX2"),
+                                               (torch.bfloat16, "AVX512")])
+def test_inference_linear_without_the_fused_kernel(monkeypatch, dtype, capability):
+    """The fused oneDNN product and the plain linear (+ exact GELU) it stands for agree, with the
+    GELU fused into the product (AVX-512) or run after it (AVX2 code, float32)."""
     import models.layers as layers
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((37, 24), (40, 24), (40,)))
     fused = [layers.inference_linear(x, w, b, gelu=g) for g in (False, True)]
@@ -364,17 +367,20 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("capability, frozen, fused", [("AVX512", True, True), ("AVX512", False, False),
-                                                        ("AVX2", True, False)])
-def test_float32_blocks_fuse_their_linears_on_avx512(monkeypatch, capability, frozen, fused):
-    """float32 CPU inference fuses a block's linear layers (weights packed) only where torch
-    runs AVX-512 code and the weights are frozen; the answer is the plain one."""
+@pytest.mark.parametrize("capability, frozen, batch, fused", [
+    ("AVX512", True, 2, True), ("AVX512", True, 15, True), ("AVX512", False, 2, False),
+    ("AVX2", True, 2, True), ("AVX2", True, 15, False), ("AVX2", False, 2, False), ("DEFAULT", True, 2, False)])
+def test_float32_blocks_fuse_their_linears_where_packed_products_win(monkeypatch, capability, frozen, batch, fused):
+    """float32 CPU inference runs a block's linear layers as oneDNN products on packed weights
+    only for frozen weights, where torch runs AVX-512 code, or AVX2 code on at most
+    ``AVX2_PACKED_MAX_ROWS`` rows (2 x 9 tokens: yes; 15 x 9: no); the answer is the plain one."""
     import models.layers as layers
     if not (layers.fused_linear_works(torch.float32) and layers.packing_works()):
         pytest.skip("torch without oneDNN's fused linear or its weight packing")
+    assert 2 * 9 <= layers.AVX2_PACKED_MAX_ROWS < 15 * 9
     torch.manual_seed(0)
     block = layers.Block(64, 2, qkv_bias=True).eval()
-    x = torch.randn(2, 9, 64)
+    x = torch.randn(batch, 9, 64)
     plain = block(x)[0].detach()  # gradients on: the plain layers
     block.requires_grad_(not frozen)
     calls = []
