@@ -36,7 +36,11 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms);
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
-  compile time, images/second, largest difference.
+  compile time, images/second, largest difference;
+* ``--products ROWS ...``: float32 on the CPU, the linear layers of each model's first stage
+  (every block's four, weights read block after block as inference reads them) at each row
+  count (tokens x images), torch's plain product against oneDNN's on packed weights, and the
+  one float32 inference runs at that count here (``models.layers.fused_inference``).
 
 Timing: a warm-up call, then ``--repeats`` rounds in which every configuration runs once in
 turn (``--early-exit``: batch by batch, early exit and the static model in turn on each batch);
@@ -61,6 +65,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,6 +74,7 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
 from models.dvt import StageOutput  # noqa: E402
+from models.layers import fused_inference, fused_linear_works, packed_weight, packing_works  # noqa: E402
 from utils.budget.flops import counting_copy, exit_gflops  # noqa: E402
 from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
 from utils.precision import cpu_has_native_bf16  # noqa: E402
@@ -368,6 +374,29 @@ def _reference_biases(stage, relations) -> list:
 STATIC_MATCH = {"DVT_Deit_small": "deit_small_patch16_224", "DVT_T2t_vit_14": "T2T-ViT-14",
                 "DVT_T2t_vit_12": "T2T-ViT-12"}
 STATIC_T2T = {"T2T-ViT-14": "DVT_T2t_vit_14", "T2T-ViT-12": "DVT_T2t_vit_12"}
+
+
+def product_paths(args: argparse.Namespace, device: torch.device) -> None:
+    """--products: a first stage's linear layers, plain products against oneDNN's on packed weights."""
+    if device.type != "cpu" or not (fused_linear_works(torch.float32) and packing_works()):
+        print("\n--products left out: it needs the CPU and a torch with oneDNN's fused linear and weight packing")
+        return
+    print(f"\n### Linear layers of a first stage, float32: plain against packed products, best of {args.repeats}\n")
+    print("| model | rows | products | plain ms | packed ms | plain / packed | float32 inference runs |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name in args.models:
+        linears = [layer for block in build(name, args.img_size, device, torch.float32).stages[0].blocks
+                   for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)]
+        for rows in args.products:
+            xs = {layer.in_features: torch.randn(rows, layer.in_features) for layer in linears}
+            plain = lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in linears]  # noqa: E731
+            packed = lambda: [torch.ops.mkldnn._linear_pointwise(  # noqa: E731
+                xs[m.in_features], packed_weight(m.weight), m.bias, "none", [], "") for m in linears]
+            best = race({"plain": plain, "packed": packed}, args.repeats, device)
+            with torch.no_grad():
+                runs = "packed" if fused_inference(xs[linears[0].in_features], linears[0].weight) else "plain"
+            print(f"| {name} | {rows} | {len(linears)} | {best['plain'] * 1e3:.2f} | {best['packed'] * 1e3:.2f} | "
+                  f"{best['plain'] / best['packed']:.2f}x | {runs} |")
 
 
 def static_for(name: str, args: argparse.Namespace) -> str:
@@ -737,6 +766,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="--early-exit also times the parts of each model (embeddings, blocks, reuse paths, "
                              "the rest) in one more pass")
     parser.add_argument("--compile", action="store_true", help="torch.compile against eager (compile time, speed-up)")
+    parser.add_argument("--products", type=int, nargs="+", default=[], metavar="ROWS",
+                        help="a first stage's linear layers at these row counts: plain against packed products")
     parser.add_argument("--no-all-exits", action="store_true", help="skip the all-exit table")
     parser.add_argument("--json", type=Path, default=None, help="also append the all-exit rows as JSON lines")
     args = parser.parse_args(argv)
@@ -746,6 +777,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("--pool needs at least 1 image")
     if args.latency == 1:
         parser.error("--latency needs at least 2 images")
+    if any(rows < 1 for rows in args.products):
+        parser.error("--products takes row counts of at least 1")
     if args.ee_batches is None:
         args.ee_batches = [args.batch]
     if any("=" not in item for item in args.static):
@@ -800,6 +833,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batch1_latency(args, device, dtypes)
     if args.compile:
         compile_speedup(args, device, dtypes)
+    if args.products:
+        product_paths(args, device)
     return 0
 
 

@@ -498,7 +498,8 @@ def test_speed_benchmark_runs(capfd):
     bench = load_script("benchmark")
     code = bench.main(["--models", "DVT_tiny", "--img-size", "64", "--batch", "4", "--repeats", "1", "--threads", "1",
                        "--dtypes", "fp32", "--baseline", "deit_tiny_patch16_224", "--stages", "--early-exit",
-                       "--ee-batches", "1", "8", "--pool", "28", "--latency", "3", "--whole-last-blocks", "--parts"])
+                       "--ee-batches", "1", "8", "--pool", "28", "--latency", "3", "--whole-last-blocks", "--parts",
+                       "--products", "2", "300"])
     out, err = capfd.readouterr()
     assert code == 0 and "profiler_st" not in err and "gpuGetDeviceCount" not in err
     assert f"get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}" in out
@@ -544,12 +545,27 @@ def test_speed_benchmark_runs(capfd):
     with pytest.raises(SystemExit):
         bench.parse_args(["--early-exit", "--pool", "0"])
     assert "--pool needs at least 1 image" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--products", "0"])
+    assert "--products takes row counts of at least 1" in capfd.readouterr().err
     assert [bench.pool_size(b) for b in (1, 8, 16, 32, 64)] == [112, 112, 112, 224, 448]  # the default pools
     assert bench.static_for("DVT_T2t_vit_14", bench.parse_args([])) == "T2T-ViT-14"
     assert bench.static_for("DVT_Deit_small", bench.parse_args(["--static", "DVT_Deit_small=vit_small_patch16_224"])) \
         == "vit_small_patch16_224"
     static = bench.build_static("T2T-ViT-14", 224, torch.device("cpu"), torch.float32)
     assert static.num_exits == 1 and static.stages[0].grid == 14 and static.stages[0].depth == 14
+    # --products: 3 blocks x 4 linear layers at 2 and 300 rows, and the path float32 inference takes here
+    from models import layers
+    if layers.fused_linear_works(torch.float32) and layers.packing_works():
+        table = out.split("plain against packed products")[1]
+        products = [line.rstrip(" |").split(" | ") for line in table.splitlines() if line.startswith("| DVT_tiny |")]
+        assert [(r[1], r[2]) for r in products] == [("2", "12"), ("300", "12")]
+        assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in products)
+        capability = torch.backends.cpu.get_cpu_capability()
+        assert [r[6] for r in products] == {"AVX512": ["packed"] * 2, "AVX2": ["packed", "plain"]}.get(capability,
+                                                                                                   ["plain"] * 2)
+    else:
+        assert "--products left out" in out
 
 
 def test_part_timer_counts_each_part_once_and_leaves_the_model_as_it_was():
