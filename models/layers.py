@@ -410,11 +410,11 @@ def packing_works() -> bool:
     return bool((out == 4).all())
 
 
-# Measured with AVX2 code only (AMD EPYC, 2 threads, DeiT-S's four products, weights cycling
-# through a stage's 12 blocks as inference reads them): oneDNN's product on packed float32 weights
-# beats the plain one by 1.4-1.9x at 1-16 rows and 1.15x at 50 (17.8 vs 20.5 ms for a stage's 48
-# products), is even at 250 rows and loses from 300 on (0.85x at 800); a whole stage on one
-# image's 197 tokens gained nothing, hence the bound. Its fused GELU is slower than a separate one there.
+# Measured with AVX2 code only (AMD EPYC, 2 threads, a first stage's linear layers, weights read
+# block after block as inference reads them; `scripts/benchmark.py --products`): oneDNN's product
+# on packed float32 weights beats the plain one by 1.1-1.9x at 1-50 rows, gives 0.97-1.19x at
+# 101-197 rows (two runs), is even at 250 and loses from 300 on (0.85-0.94x); one image's last stage
+# (197 rows) gained nothing, hence the bound. Its fused GELU is slower than a separate one there.
 AVX2_PACKED_MAX_ROWS = 128
 
 
