@@ -410,18 +410,22 @@ def packing_works() -> bool:
     return bool((out == 4).all())
 
 
-# Measured with AVX2 code only (AMD EPYC, 2 threads, a first stage's linear layers, weights read
-# block after block as inference reads them; `scripts/benchmark.py --products`): oneDNN's product
-# on packed float32 weights beats the plain one by 1.1-1.9x at 1-50 rows, gives 0.97-1.19x at
-# 101-197 rows (two runs), is even at 250 and loses from 300 on (0.85-0.94x); one image's last stage
-# (197 rows) gained nothing, hence the bound. Its fused GELU is slower than a separate one there.
+# Measured with AVX2 code only (AMD EPYC, 2 threads, each layer's weights read from 12 copies in
+# turn, as a stage's blocks read theirs; `scripts/benchmark.py --products` for whole stages):
+# oneDNN's product on packed float32 weights beats the plain one on weights of 442k-885k values
+# (DeiT-S's and T2T-ViT-14's qkv and MLP layers) by 1.05-1.8x at 1-50 rows and is even at 128,
+# but loses on smaller weights (147k-197k values: 0.35-0.9x at 1-16 rows, up to 1.1x at 50) and
+# from 300 rows on (0.85-0.94x); one image's last stage (197 rows) gained nothing. Its fused GELU
+# is slower than a separate one there.
 AVX2_PACKED_MAX_ROWS = 128
+AVX2_PACKED_MIN_WEIGHT = 1 << 18  # values
 
 
 def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a block's linear layers run as :func:`inference_linear`: CPU inference in
     bfloat16, and in float32 with frozen weights (packed, :func:`packed_weight`) where torch runs
-    AVX-512 code, or AVX2 code on at most ``AVX2_PACKED_MAX_ROWS`` rows (tokens x images). Fusing
+    AVX-512 code, or AVX2 code on at most ``AVX2_PACKED_MAX_ROWS`` rows (tokens x images) and a
+    weight of at least ``AVX2_PACKED_MIN_WEIGHT`` values. Fusing
     the bias and the GELU into the product saves a pass over each output: a DeiT-S block is
     4-14% faster in bfloat16 (2 cores, AMX). Under CPU autocast the autocast dtype decides
     (bfloat16 only), whatever ``x``'s dtype: :func:`inference_linear` casts as autocast would."""
@@ -435,7 +439,8 @@ def fused_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype == torch.float32:
         capability = torch.backends.cpu.get_cpu_capability()
         rows = x.numel() // max(x.shape[-1], 1)
-        return packs(weight) and (capability == "AVX512" or (capability == "AVX2" and rows <= AVX2_PACKED_MAX_ROWS))
+        few_rows_big_weight = rows <= AVX2_PACKED_MAX_ROWS and weight.numel() >= AVX2_PACKED_MIN_WEIGHT
+        return packs(weight) and (capability == "AVX512" or (capability == "AVX2" and few_rows_big_weight))
     return x.dtype == torch.bfloat16
 
 

@@ -39,8 +39,8 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   compile time, images/second, largest difference;
 * ``--products ROWS ...``: float32 on the CPU, the linear layers of each model's first stage
   (every block's four, weights read block after block as inference reads them) at each row
-  count (tokens x images), torch's plain product against oneDNN's on packed weights, and the
-  one float32 inference runs at that count here (``models.layers.fused_inference``).
+  count (tokens x images), torch's plain product against oneDNN's on packed weights, and how
+  many of them float32 inference runs packed at that count here (``models.layers.fused_inference``).
 
 Timing: a warm-up call, then ``--repeats`` rounds in which every configuration runs once in
 turn (``--early-exit``: batch by batch, early exit and the static model in turn on each batch);
@@ -382,7 +382,7 @@ def product_paths(args: argparse.Namespace, device: torch.device) -> None:
         print("\n--products left out: it needs the CPU and a torch with oneDNN's fused linear and weight packing")
         return
     print(f"\n### Linear layers of a first stage, float32: plain against packed products, best of {args.repeats}\n")
-    print("| model | rows | products | plain ms | packed ms | plain / packed | float32 inference runs |")
+    print("| model | rows | products | plain ms | packed ms | plain / packed | packed in float32 inference |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in args.models:
         linears = [layer for block in build(name, args.img_size, device, torch.float32).stages[0].blocks
@@ -394,9 +394,9 @@ def product_paths(args: argparse.Namespace, device: torch.device) -> None:
                 xs[m.in_features], packed_weight(m.weight), m.bias, "none", [], "") for m in linears]
             best = race({"plain": plain, "packed": packed}, args.repeats, device)
             with torch.no_grad():
-                runs = "packed" if fused_inference(xs[linears[0].in_features], linears[0].weight) else "plain"
+                packs = sum(fused_inference(xs[m.in_features], m.weight) for m in linears)
             print(f"| {name} | {rows} | {len(linears)} | {best['plain'] * 1e3:.2f} | {best['packed'] * 1e3:.2f} | "
-                  f"{best['plain'] / best['packed']:.2f}x | {runs} |")
+                  f"{best['plain'] / best['packed']:.2f}x | {packs} |")
 
 
 def static_for(name: str, args: argparse.Namespace) -> str:

@@ -367,17 +367,23 @@ def test_bfloat16_blocks_fuse_their_linears_only_where_nothing_else_changes(monk
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("capability, frozen, batch, fused", [
-    ("AVX512", True, 2, True), ("AVX512", True, 15, True), ("AVX512", False, 2, False),
-    ("AVX2", True, 2, True), ("AVX2", True, 15, False), ("AVX2", False, 2, False), ("DEFAULT", True, 2, False)])
-def test_float32_blocks_fuse_their_linears_where_packed_products_win(monkeypatch, capability, frozen, batch, fused):
+@pytest.mark.parametrize("capability, frozen, batch, min_weight, fused", [
+    ("AVX512", True, 2, None, True), ("AVX512", True, 15, None, True), ("AVX512", False, 2, None, False),
+    ("AVX2", True, 2, 64 * 64, True), ("AVX2", True, 15, 64 * 64, False), ("AVX2", True, 2, None, False),
+    ("AVX2", False, 2, 64 * 64, False), ("DEFAULT", True, 2, 64 * 64, False)])
+def test_float32_blocks_fuse_their_linears_where_packed_products_win(monkeypatch, capability, frozen, batch,
+                                                                     min_weight, fused):
     """float32 CPU inference runs a block's linear layers as oneDNN products on packed weights
     only for frozen weights, where torch runs AVX-512 code, or AVX2 code on at most
-    ``AVX2_PACKED_MAX_ROWS`` rows (2 x 9 tokens: yes; 15 x 9: no); the answer is the plain one."""
+    ``AVX2_PACKED_MAX_ROWS`` rows (2 x 9 tokens: yes; 15 x 9: no) and weights of at least
+    ``AVX2_PACKED_MIN_WEIGHT`` values (this block's 4k-16k: only with the bound lowered); the
+    answer is the plain one."""
     import models.layers as layers
     if not (layers.fused_linear_works(torch.float32) and layers.packing_works()):
         pytest.skip("torch without oneDNN's fused linear or its weight packing")
-    assert 2 * 9 <= layers.AVX2_PACKED_MAX_ROWS < 15 * 9
+    assert 2 * 9 <= layers.AVX2_PACKED_MAX_ROWS < 15 * 9 and layers.AVX2_PACKED_MIN_WEIGHT > 64 * 256
+    if min_weight is not None:
+        monkeypatch.setattr(layers, "AVX2_PACKED_MIN_WEIGHT", min_weight)
     torch.manual_seed(0)
     block = layers.Block(64, 2, qkv_bias=True).eval()
     x = torch.randn(batch, 9, 64)
