@@ -52,6 +52,7 @@ here so it is interleaved too.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -74,7 +75,9 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
 from models.dvt import StageOutput  # noqa: E402
+from models.factory import is_cascade_name  # noqa: E402
 from models.layers import fused_inference, fused_linear_works, packed_weight, packing_works  # noqa: E402
+from models.registry import MODEL_CFGS  # noqa: E402
 from utils.budget.flops import counting_copy, exit_gflops  # noqa: E402
 from utils.budget.thresholds import budget_exit_shares, find_thresholds  # noqa: E402
 from utils.precision import cpu_has_native_bf16  # noqa: E402
@@ -788,7 +791,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         if given and not args.early_exit:
             parser.error(f"{flag} adds to --early-exit: pass --early-exit too")
     args.pool = DEFAULT_POOL if args.pool is None else args.pool
+    check_model_names(parser, args)
     return args
+
+
+CASCADE_SECTIONS = ("stages", "early_exit", "latency", "compile", "products")
+
+
+def check_model_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every name a timm model (or a static T2T-ViT of ``--static``), and ``--models`` DVT cascades
+    where a section runs their stages: refused before anything is built or timed."""
+    static = [item.split("=", 1)[1] for item in args.static]
+    for name in args.models + [args.baseline] + [s for s in static if s not in STATIC_T2T]:
+        if not is_cascade_name(name):
+            close = difflib.get_close_matches(name, timm.list_models("DVT*") + timm.list_models(), n=1)
+            parser.error(f"unknown model {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + ": neither a DVT model nor a timm model")
+    sections = [f"--{s.replace('_', '-')}" for s in CASCADE_SECTIONS if getattr(args, s)]
+    singles = [name for name in args.models if name not in MODEL_CFGS]
+    if sections and singles:
+        parser.error(f"{' and '.join(sections)} time{'s' if len(sections) == 1 else ''} the stages of DVT cascades; "
+                     f"{', '.join(singles)} {'is' if len(singles) == 1 else 'are'} not one (DVT models: "
+                     f"{', '.join(MODEL_CFGS)}): time a static model with --baseline, or with --static MODEL=STATIC "
+                     "against a cascade")
 
 
 def default_dtypes(device: torch.device) -> list[str]:

@@ -633,6 +633,28 @@ def test_machine_line_names_the_allocator(monkeypatch):
     assert f"; allocator: GLIBC_TUNABLES={tunables};" in bench.machine_description(torch.device("cpu"))
 
 
+def test_speed_benchmark_refuses_models_it_cannot_time(capsys):
+    """scripts/benchmark.py names a mistyped model and a static model given to a section that times
+    a cascade's stages, before anything is built; a static model alone is timed (all exits)."""
+    bench = load_script("benchmark")
+    refused = {
+        ("--models", "DVT_deit_small"): "unknown model 'DVT_deit_small' (did you mean DVT_Deit_small?)",
+        ("--baseline", "deit_smal_patch16_224"): "unknown model 'deit_smal_patch16_224'",
+        ("--models", "DVT_tiny", "--early-exit", "--static", "DVT_tiny=vit_tinny_patch16_224"):
+            "unknown model 'vit_tinny_patch16_224'",
+        ("--models", "deit_tiny_patch16_224", "--stages"):
+            "--stages times the stages of DVT cascades; deit_tiny_patch16_224 is not one (DVT models: DVT_T2t_vit_12",
+        ("--models", "DVT_tiny", "deit_tiny_patch16_224", "resnet18", "--early-exit", "--products", "2"):
+            "--early-exit and --products time the stages of DVT cascades; deit_tiny_patch16_224, resnet18 are not",
+    }
+    for argv, message in refused.items():
+        with pytest.raises(SystemExit):
+            bench.parse_args(list(argv))
+        assert message in capsys.readouterr().err, argv
+    assert bench.parse_args(["--models", "deit_tiny_patch16_224"]).models == ["deit_tiny_patch16_224"]
+    assert bench.parse_args(["--early-exit", "--static", "DVT_T2t_vit_14=T2T-ViT-14"]).early_exit
+
+
 def test_early_exit_benchmark_runs(capsys):
     bench = load_script("bench_early_exit")
     code = bench.main(["--models", "DVT_tiny", "--batch_size", "8", "--budgets", "10", "40", "--iters", "1",
