@@ -34,7 +34,7 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   of each with every part timed on its own, and the operator calls per image of each (one pass
   in torch's profiler);
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
-  (median and 90th percentile, ms);
+  (median and 90th percentile, ms), and early exit's median by the exit an image leaves at;
 * ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
   compile time, images/second, largest difference;
 * ``--products ROWS ...``: float32 on the CPU, the linear layers of each model's first stage
@@ -674,8 +674,8 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
     gen = torch.Generator().manual_seed(2)
     print(f"\n### Batch-1 latency over {args.latency} images (budget row p = {args.budget_index}), ms\n")
     print("| model | dtype | early exit median | early exit p90 | all exits median | all exits p90 | "
-          "static model | static median | static p90 | exit shares |")
-    print("|---|---|---:|---:|---:|---:|---|---:|---:|---|")
+          "static model | static median | static p90 | exit shares | early exit median by exit |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|---|---|")
     for name in args.models:
         static = static_for(name, args)
         for d in dtypes:
@@ -692,12 +692,16 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
                     early.append(_time_once(lambda: exits.append(model.forward_early_exit(xi, thresholds)), device))
                     full.append(_time_once(lambda: model(xi), device))
                     flat.append(_time_once(lambda: base(xi), device))
-            counts = torch.bincount(torch.cat([e.exit_index.cpu() for e in exits]), minlength=model.num_exits)
+            exit_index = torch.cat([e.exit_index.cpu() for e in exits])
+            counts = torch.bincount(exit_index, minlength=model.num_exits)
             q = lambda v: statistics.quantiles(v, n=10)[-1] * 1e3  # noqa: E731  (90th percentile)
             med = lambda v: statistics.median(v) * 1e3  # noqa: E731
             shares = " / ".join(f"{c / args.latency:.2f}" for c in counts.tolist())
+            # what an image costs by the exit it leaves at: the mean is the shares' sum of these
+            by_exit = [[t for t, k in zip(early, exit_index.tolist()) if k == j] for j in range(model.num_exits)]
             print(f"| {name} | {d} | {med(early):.1f} | {q(early):.1f} | {med(full):.1f} | {q(full):.1f} | {static} | "
-                  f"{med(flat):.1f} | {q(flat):.1f} | {shares} |")
+                  f"{med(flat):.1f} | {q(flat):.1f} | {shares} | "
+                  f"{' / '.join(f'{med(v):.1f}' if v else '-' for v in by_exit)} |")
 
 
 def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:

@@ -515,6 +515,15 @@ def test_speed_benchmark_runs(capfd):
     shares = [float(q) for q in rows[1][5].split(" / ")]
     assert all(abs(q - t) <= 2 / 56 for q, t in zip(shares, (4 / 7, 2 / 7, 1 / 7))), shares
     assert rows[0][14] != "-" and rows[1][14] == "-"  # batch-1 latency only at batch 1
+    # --latency: early exit's median by the exit an image leaves at, "-" where none left there
+    latency = [line.rstrip(" |").split(" | ") for line in out.split("### Batch-1 latency")[1].splitlines()
+               if line.startswith("| DVT_tiny | fp32 |")]
+    assert len(latency) == 1
+    left = [int(round(float(q) * 3)) for q in latency[0][9].split(" / ")]  # exit shares of the 3 images
+    by_exit = latency[0][10].split(" / ")
+    assert sum(left) == 3 and len(by_exit) == 3
+    assert all((cell == "-") == (n == 0) for cell, n in zip(by_exit, left)), (left, by_exit)
+    assert all(float(cell) > 0 for cell in by_exit if cell != "-")
     assert rows[0][12] == "-" and float(rows[1][12]) > 0 and rows[1][13].endswith("x")  # queued: from batch 2 on
     # --whole-last-blocks: early exit against itself with every stage's last block whole, same rounds
     table = out.split("last block whole (same rounds)")[1].split("Where the time goes")[0]
