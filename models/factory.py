@@ -8,6 +8,7 @@ name their model).
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Mapping, Optional
 
 import timm
@@ -19,7 +20,7 @@ from .dvt import checkpoint_filter_fn
 from .registry import MODEL_CFGS, TIMM_ARGS, build_dvt
 
 __all__ = ["create_cascade", "describe_guess", "guess_model", "is_cascade_name", "is_single_exit",
-           "model_from_checkpoint"]
+           "model_from_checkpoint", "unknown_model_message"]
 
 _SWITCHES = ("feature_reuse", "relation_reuse")
 
@@ -27,6 +28,13 @@ _SWITCHES = ("feature_reuse", "relation_reuse")
 def is_cascade_name(name: str) -> bool:
     """Whether ``name`` is a registered DVT cascade or a timm model usable as a baseline."""
     return name in MODEL_CFGS or timm.is_model(name)
+
+
+def unknown_model_message(name: str) -> str:
+    """The error for a ``name`` that :func:`is_cascade_name` refuses, with the nearest known name."""
+    close = difflib.get_close_matches(name, list(MODEL_CFGS) + timm.list_models(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown model {name!r}{hint}: neither a DVT model ({', '.join(MODEL_CFGS)}) nor a timm model"
 
 
 def is_single_exit(name: str) -> bool:
@@ -50,7 +58,7 @@ def create_cascade(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     if name in MODEL_CFGS:
         return build_dvt(name, pretrained, **kwargs)
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: neither a DVT model ({', '.join(MODEL_CFGS)}) nor a timm model")
+        raise ValueError(unknown_model_message(name))
     model_kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_ARGS}
     switches = {k: kwargs.pop(k) for k in _SWITCHES if k in kwargs}
     net = timm.create_model(name, pretrained=pretrained, **kwargs)

@@ -52,7 +52,6 @@ here so it is interleaved too.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
@@ -75,7 +74,7 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
 from models.dvt import StageOutput  # noqa: E402
-from models.factory import is_cascade_name  # noqa: E402
+from models.factory import is_cascade_name, unknown_model_message  # noqa: E402
 from models.layers import fused_inference, fused_linear_works, packed_weight, packing_works  # noqa: E402
 from models.registry import MODEL_CFGS  # noqa: E402
 from utils.budget.flops import counting_copy, exit_gflops  # noqa: E402
@@ -697,7 +696,7 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
             q = lambda v: statistics.quantiles(v, n=10)[-1] * 1e3  # noqa: E731  (90th percentile)
             med = lambda v: statistics.median(v) * 1e3  # noqa: E731
             shares = " / ".join(f"{c / args.latency:.2f}" for c in counts.tolist())
-            # what an image costs by the exit it leaves at: the mean is the shares' sum of these
+            # what an image costs by the exit it leaves at; weighted by the shares they make up the mean
             by_exit = [[t for t, k in zip(early, exit_index.tolist()) if k == j] for j in range(model.num_exits)]
             print(f"| {name} | {d} | {med(early):.1f} | {q(early):.1f} | {med(full):.1f} | {q(full):.1f} | {static} | "
                   f"{med(flat):.1f} | {q(flat):.1f} | {shares} | "
@@ -808,9 +807,7 @@ def check_model_names(parser: argparse.ArgumentParser, args: argparse.Namespace)
     static = [item.split("=", 1)[1] for item in args.static]
     for name in args.models + [args.baseline] + [s for s in static if s not in STATIC_T2T]:
         if not is_cascade_name(name):
-            close = difflib.get_close_matches(name, timm.list_models("DVT*") + timm.list_models(), n=1)
-            parser.error(f"unknown model {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                         + ": neither a DVT model nor a timm model")
+            parser.error(unknown_model_message(name))
     sections = [f"--{s.replace('_', '-')}" for s in CASCADE_SECTIONS if getattr(args, s)]
     singles = [name for name in args.models if name not in MODEL_CFGS]
     if sections and singles:

@@ -108,6 +108,7 @@ def test_flags_reach_the_model_and_optimizer(tmp_path, image_data):
     (["--layer-decay", "0.7", "--backbone-lr-scale", "0.1"], "pass one of them"),
     (["--layer-decay", "1.5"], r"--layer-decay must be in \(0, 1\]"),
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
+    (["--model", "DVT_Deit_smal"], r"unknown model 'DVT_Deit_smal' \(did you mean DVT_Deit_small\?\): neither a DVT"),
     ([*VIT, "--no-relation-reuse"], "single-exit model"),
     (["--model-kwargs", "depth"], "expected KEY=VALUE"),
 ])
@@ -133,7 +134,8 @@ def test_mindspore_recipe_configs():
         args = parse_args(["DATA", "--config", str(REPO / "configs" / f"{config}.yaml")])
         assert (args.model, args.batch_size) == (model, batch)
         assert scaled_lr(args, world_size=8) == pytest.approx(lr)  # 8 processes, as the port
-        assert (args.warmup_epochs, args.warmup_lr, args.min_lr, args.epochs, args.sched) == (40, 0.0, 0.0, 300, "cosine")
+        assert (args.warmup_epochs, args.warmup_lr, args.min_lr, args.epochs, args.sched) == \
+            (40, 0.0, 0.0, 300, "cosine")
         assert (args.mixup, args.cutmix, args.reprob, args.aa, args.smoothing) == (0.2, 0.0, 0.0, "original", 0.1)
         assert (args.model_ema, args.drop_path, args.drop, args.weight_decay) == (False, 0.0, 0.1, 0.05)
         assert timm.is_model(model)

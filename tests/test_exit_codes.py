@@ -19,8 +19,8 @@ def test_unknown_model_is_an_option_error(mode, trained_run, small_data, tmp_pat
     before = snapshot(tmp_path)
     code, out, err = run_inference(capsys, "--checkpoint_path", checkpoint, "--model", "DVT_tiniest", *argv)
     assert code == 2 and out == ""
-    assert error_line(err) == (f"error: unknown model 'DVT_tiniest'; choose one of: {', '.join(MODEL_CFGS)}, "
-                               "or a timm model (single-exit baseline)"), err
+    assert error_line(err) == (f"error: unknown model 'DVT_tiniest' (did you mean DVT_tiny?): neither a DVT model "
+                               f"({', '.join(MODEL_CFGS)}) nor a timm model"), err
     assert snapshot(tmp_path) == before
 
 

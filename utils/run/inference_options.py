@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from models.factory import is_cascade_name
+from models.factory import is_cascade_name, unknown_model_message
 from models.registry import MODEL_CFGS
 
 from ..budget.report import PLOT_FILE, RESULTS_JSON
@@ -163,8 +163,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def check_model_name(name: Optional[str]) -> None:
     if name is not None and not is_cascade_name(name):
-        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_CFGS)}, "
-                          "or a timm model (single-exit baseline)")
+        raise ConfigError(unknown_model_message(name))
 
 
 def require_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -8,11 +8,10 @@ import importlib.util
 import re
 from typing import Optional, Sequence
 
-import timm
 import torch
 from timm.optim import list_optimizers
 
-from models.factory import is_cascade_name, is_single_exit
+from models.factory import is_cascade_name, is_single_exit, unknown_model_message
 
 from ..data.cifar import CIFAR_NUM_CLASSES
 from ..data.images import BAD_IMAGE_POLICIES
@@ -287,8 +286,7 @@ def check_args(args: argparse.Namespace) -> None:
     if mixup_active(args) and args.batch_size % 2:
         raise ConfigError(f"mixup/cutmix needs an even --batch-size, got {args.batch_size}")
     if not is_cascade_name(args.model):
-        raise ConfigError(f"unknown model {args.model!r}: neither a DVT model ({', '.join(timm.list_models('DVT*'))}) "
-                          "nor a timm model")
+        raise ConfigError(unknown_model_message(args.model))
     if not (args.feature_reuse and args.relation_reuse) and is_single_exit(args.model):
         raise ConfigError(f"--model {args.model} is a single-exit model: --no-feature-reuse and "
                           "--no-relation-reuse only apply to DVT models")
