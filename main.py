@@ -144,12 +144,15 @@ def train(args: argparse.Namespace, env: DistEnv, stop: StopSignal) -> None:
     before the checks pass and the run holds its folder's lock."""
     folder = run_folder(args, env)
     checked = check_before_run(args, folder, env.device)
+    # every image listed (and the validation images' sizes read) before the run folder exists:
+    # data refused here (an empty class folder, an image too large to decode) leaves no folder behind
+    data, class_names = checked_training_data(args, env, stop, checked.class_names)
     folder, lock = claim_run_folder(args, env, folder)
     file_log = None
     try:
         if env.is_main:
             file_log = add_file_log(folder / "log.txt")
-        train_in_folder(args, env, stop, folder, checked)
+        train_in_folder(args, env, stop, folder, checked, data, class_names)
     finally:
         if file_log is not None:
             remove_logging([file_log])
@@ -158,12 +161,11 @@ def train(args: argparse.Namespace, env: DistEnv, stop: StopSignal) -> None:
 
 
 def train_in_folder(args: argparse.Namespace, env: DistEnv, stop: StopSignal, folder: Path,
-                    checked: PreChecked) -> None:
-    """The outline of a run: its config, data, model, recipe and resume point, the epochs, the release."""
+                    checked: PreChecked, data: TrainData, class_names: Optional[list[str]]) -> None:
+    """The outline of a run: its config, model, recipe and resume point, the epochs, the release."""
     config = resolved_config(args)
     if env.is_main:
         write_config(folder / CONFIG_FILE, config)
-    data, class_names = checked_training_data(args, env, stop, checked.class_names)
     model = initial_model(args, data.num_classes, checked.start_checkpoint).to(env.device)
     model, ctx, point, num_epochs = training_recipe(args, env, stop, config, model, data, checked.resume_checkpoint)
     log_start(args, env, folder, model, data, ctx, num_epochs)

@@ -3,6 +3,7 @@ status (2 for options and configs, 1 for checkpoints: docs/troubleshooting.md) b
 written: no run folder, no lock, no log, no config.yaml."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,4 +113,18 @@ def test_finetune_checked_once_then_run(small_data, tmp_path, capsys, caplog, mo
 
 def test_eval_metric_of_a_missing_exit(small_data, tmp_path, capsys):
     code, line = refused(capsys, tmp_path, small_data, "--eval-metric", "exit5_top1")
-    assert code == 2 and line.startswith("error: --eval-metric 'exit5_top1': DVT_tiny has 3 exits; choose one of "), line
+    assert code == 2, line
+    assert line.startswith("error: --eval-metric 'exit5_top1': DVT_tiny has 3 exits; choose one of "), line
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_class_folder_without_images(split, small_data, tmp_path, capsys):
+    """Every image is listed before the run folder exists: an empty class folder leaves nothing behind."""
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    empty = sorted((data / split).iterdir())[1]
+    for image in empty.iterdir():
+        image.unlink()
+    code, line = refused(capsys, tmp_path, data)
+    assert code == 1, line
+    assert line.startswith(f"error: no images in the class folder(s) {empty.name} of {data / split} "), line
