@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from helpers import REPO, error_line, run_inference, snapshot
+from models.factory import create_cascade
 from models.registry import MODEL_CFGS
+from utils.checkpoint.files import atomic_save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,3 +48,21 @@ def test_docs_table_states_the_statuses():
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "another model" in rows["1"] and "run folder in use" not in rows["1"]
     assert "run folder in use" in rows["2"] and "unknown `--model`" in rows["2"].split("|")[3]
+
+
+@pytest.mark.parametrize("mode, missing", [("0", "'flops', 'anytime_classification', 'budgeted_batch_classification'"),
+                                           ("1", "'dynamic_threshold'")])
+def test_plain_state_dict_where_a_mode_reads_results(mode, missing, small_data, tmp_path, capsys):
+    """--eval_mode 0 and 1 read results a plain state dict does not hold: one short line that
+    names them and counts the file's tensors instead of listing hundreds of weight names."""
+    weights = tmp_path / "weights.pth.tar"
+    state = create_cascade("DVT_tiny", num_classes=3, img_size=32).state_dict()
+    atomic_save(state, weights)
+    before = snapshot(tmp_path)
+    code, out, err = run_inference(capsys, "--data_url", small_data, "--model", "DVT_tiny", "--checkpoint_path",
+                                   weights, "--eval_mode", mode, "--output", tmp_path / "report")
+    line = error_line(err)
+    assert code == 1 and out == "" and snapshot(tmp_path) == before
+    assert line.startswith(f"error: {weights} has no {missing} entry, needed by --eval_mode {mode}"), line
+    first = ", ".join(list(state)[:3])
+    assert line.endswith(f"(it holds: {len(state)} tensors ({first}, ...))") and len(line) < 300, line

@@ -25,12 +25,24 @@ RESULT_KEYS = ("flops", "anytime_classification", "budgeted_batch_classification
 
 
 def require_entries(checkpoint: dict, keys: Sequence[str], source: str, purpose: str) -> None:
-    """Stop with a message naming what ``checkpoint`` lacks of ``keys`` and what it holds."""
+    """Stop with a message naming what ``checkpoint`` lacks of ``keys`` and what it holds (its
+    entries; the tensors of a state dict counted, with the first few named)."""
     missing = [k for k in keys if k not in checkpoint]
     if missing:
-        have = ", ".join(map(str, checkpoint)) or "nothing"
-        raise CheckpointError(
-            f"{source} has no {', '.join(repr(k) for k in missing)} entry, needed {purpose} (it holds: {have})")
+        raise CheckpointError(f"{source} has no {', '.join(repr(k) for k in missing)} entry, needed {purpose} "
+                              f"(it holds: {describe_entries(checkpoint)})")
+
+
+def describe_entries(checkpoint: dict, named: int = 3) -> str:
+    """``checkpoint``'s entries for a message: its other entries by name, its tensors (a state
+    dict's weights: hundreds of names) as a count and the first ``named`` of them."""
+    tensors = [str(k) for k, v in checkpoint.items() if torch.is_tensor(v)]
+    parts = [str(k) for k, v in checkpoint.items() if not torch.is_tensor(v)]
+    if len(tensors) > named:
+        parts.append(f"{len(tensors)} tensors ({', '.join(tensors[:named])}, ...)")
+    else:
+        parts += tensors
+    return ", ".join(parts) or "nothing"
 
 
 def result_entries(model: nn.Module, flops: Sequence[float], anytime: Sequence[float], thresholds: torch.Tensor,
