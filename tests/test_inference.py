@@ -458,6 +458,14 @@ def test_checkpoint_of_another_model_names_the_likely_model(data_root, tiny_rele
     assert err.startswith("error: checkpoint does not fit DVT_Deit_small") and "checkpoint for DVT_tiny" in err
 
 
+def test_checkpoint_of_another_image_size_says_so(data_root, tiny_released, capsys):
+    code, _, err = run_cli(capsys, *common(data_root, tiny_released, 2, "--model", "DVT_tiny", "--img_size", "48"))
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: checkpoint does not fit DVT_tiny: mis-shaped keys [3]: stages.0.patch_embed.proj")
+    hint = "Only the patch embeddings differ: the weights are for another image size; pass the one they have."
+    assert err.strip().endswith(hint), err
+
+
 def test_command_line_error_has_no_traceback(bad_inputs):
     proc = subprocess.run(
         [sys.executable, "inference.py", "--data_url", bad_inputs["corrupt_data"], "--checkpoint_path",

@@ -46,7 +46,16 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         guess = guess_model(given)
         hint = describe_guess(guess) if guess else None
         hint = f" It looks like a checkpoint for {hint}." if hint and hint != name else ""
+        if not hint and _other_image_size(given, model.state_dict()):
+            hint = " Only the patch embeddings differ: the weights are for another image size; pass the one they have."
         raise CheckpointError(f"checkpoint does not fit {name}: {mismatch}.{hint}")
+
+
+def _other_image_size(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the same keys differ only in the shapes of patch embeddings and position tables,
+    which are all that a ViT cascade's image size changes."""
+    differ = [k for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    return set(given) == set(expected) and bool(differ) and all("patch_embed" in k or "pos_embed" in k for k in differ)
 
 
 def load_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
