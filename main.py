@@ -263,11 +263,13 @@ def log_start(args: argparse.Namespace, env: DistEnv, folder: Path, model: nn.Mo
     """One line naming what is about to run, and where."""
     plain = unwrap_model(model)
     n_params = sum(p.numel() for p in plain.parameters())
+    cooldown = num_epochs == args.epochs + args.cooldown_epochs > args.epochs
     _logger.info(
         f"{args.model}: {n_params / 1e6:.2f}M parameters, {plain.num_exits} exits, "
         f"{data.num_classes} classes, {args.img_size}px | {env.world_size} process(es) on {env.device.type}"
         f"{' (' + env.backend + ')' if env.backend else ''} | batch {args.batch_size} x {env.world_size}, "
-        f"lr {scaled_lr(args, env.world_size):.3g}, {args.opt}, epochs {num_epochs} | precision "
+        f"lr {scaled_lr(args, env.world_size):.3g}, {args.opt}, epochs {num_epochs}"
+        f"{f' ({args.epochs} + {args.cooldown_epochs} cooldown)' if cooldown else ''} | precision "
         f"{'apex O1' if args.apex_amp else ctx.amp_dtype or 'float32'} | EMA {'on' if ctx.model_ema else 'off'} | "
         f"{len(data.train_set)} training / {len(data.val_set)} validation images | run folder {folder}")
 

@@ -434,7 +434,8 @@ def test_cifar_finetuning(tmp_path, image_data, dataset, classes, source, capsys
     data = make_fake_cifar(tmp_path / dataset, classes, train_per_batch=8, test_size=16)
     args = ["--data-dir", str(data), "--config", str(REPO / "configs" / f"{dataset}_finetune.yaml"),
             "--model", "DVT_tiny", "--img-size", "32", "--b", "8", "--epochs", "1", "--workers", "0",
-            "--device", "cpu", "--dataset", dataset, "--finetune", str(tmp_path / "pretrained.pth.tar"), "--backbone-lr-scale", "0",
+            "--device", "cpu", "--dataset", dataset, "--finetune", str(tmp_path / "pretrained.pth.tar"),
+            "--backbone-lr-scale", "0",
             "--calib-size", "16", "--output", str(tmp_path), "--experiment", "ft"]
     assert train_main.main(args) == 0, capsys.readouterr().err
     folder = run_dir(tmp_path, "ft")
@@ -522,3 +523,13 @@ def test_original_training_checkpoint_release_and_finetune_use_ema(tmp_path, ima
     for key, value in ema.items():
         if ".head." not in key:
             assert torch.equal(last["model"][key], value), key
+
+
+def test_header_counts_the_cooldown_epochs(small_data, tmp_path, capsys):
+    """--epochs N with --cooldown-epochs C runs N + C epochs (timm's schedule), and the first log line says so."""
+    args = base_args(small_data, tmp_path, "cool", "--epochs", "1", "--cooldown-epochs", "1", "--no-release",
+                     "--log-interval", "0", "--no-model-ema", "--calib-size", "8")
+    assert train_main.main(args) == 0, capsys.readouterr().err
+    header = (run_dir(tmp_path, "cool") / "log.txt").read_text().splitlines()[0]
+    assert "epochs 2 (1 + 1 cooldown) |" in header, header
+    assert load_checkpoint_file(run_dir(tmp_path, "cool") / "last.pth.tar")["epoch"] == 2
