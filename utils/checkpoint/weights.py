@@ -40,13 +40,14 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     """Raise a :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys
     when ``state_dict`` (any layout ``model.load_state_dict`` accepts) does not fit ``model``."""
     given = checkpoint_filter_fn(dict(state_dict)) if hasattr(model, "stages") else dict(state_dict)
-    mismatch = state_dict_mismatch(given, model.state_dict())
+    expected = model.state_dict()
+    mismatch = state_dict_mismatch(given, expected)
     if mismatch:
         name = getattr(model, "model_name", type(model).__name__)
         guess = guess_model(given)
         hint = describe_guess(guess) if guess else None
         hint = f" It looks like a checkpoint for {hint}." if hint and hint != name else ""
-        if not hint and _other_image_size(given, model.state_dict()):
+        if not hint and _other_image_size(given, expected):
             hint = " Only the patch embeddings differ: the weights are for another image size; pass the one they have."
         raise CheckpointError(f"checkpoint does not fit {name}: {mismatch}.{hint}")
 
