@@ -65,4 +65,5 @@ def test_plain_state_dict_where_a_mode_reads_results(mode, missing, small_data, 
     assert code == 1 and out == "" and snapshot(tmp_path) == before
     assert line.startswith(f"error: {weights} has no {missing} entry, needed by --eval_mode {mode}"), line
     first = ", ".join(list(state)[:3])
-    assert line.endswith(f"(it holds: {len(state)} tensors ({first}, ...))") and len(line) < 300, line
+    assert line.endswith(f"(it holds: {len(state)} tensors ({first}, ...))"), line
+    assert len(line) - len(str(weights)) < 240, line  # short whatever the path
