@@ -348,7 +348,8 @@ def pointwise_conv_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     ``x`` of ``in * kh * kw`` values (a 1x1 convolution's positions, or the patches of one whose
     patches do not overlap): packed once where it can be (float32 without autocast, see
     :func:`packed_weight`), else (out, in * kh * kw) in ``x``'s dtype."""
-    if x.dtype == torch.float32 and _autocast_dtype() is None and x.device == weight.device and packs(weight):
+    if (x.dtype == torch.float32 and _autocast_dtype() is None and x.device == weight.device and packs(weight)
+            and _get_current_dispatch_mode() is None):  # as inference_linear: plain operations under a mode
         return packed_weight(weight)
     return weight.flatten(1).to(x.dtype)
 

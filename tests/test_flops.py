@@ -80,3 +80,24 @@ def test_counting_leaves_the_model_alone():
     assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
     assert not clone.training and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in clone.parameters())
     assert {n for n, _ in clone.named_parameters()} == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("early_exit", [False, True], ids=["all exits", "early exit"])
+def test_a_flop_counter_runs_over_a_loaded_model(early_exit):
+    """A user's own FlopCounterMode over a cascade as the commands load it (frozen weights, which
+    CPU inference packs for oneDNN): the relation reuse and the patch products give way to the
+    plain operations, which the counter knows, and count as on trainable weights."""
+    model = timm.create_model("DVT_tiny", num_classes=10, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    thresholds = torch.tensor([2.0, 2.0, -1e8])  # every image runs every stage
+
+    def count() -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.forward_early_exit(x, thresholds) if early_exit else model(x)
+        return counter.get_total_flops()
+
+    trainable = count()
+    model.requires_grad_(False)
+    with torch.no_grad():
+        model(x)  # the packed weights made, as a first evaluation makes them
+    assert count() == trainable > 0
