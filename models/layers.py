@@ -347,9 +347,10 @@ def pointwise_conv_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     """A convolution's weight (out, in, kh, kw) as the weight of :func:`inference_linear` on rows
     ``x`` of ``in * kh * kw`` values (a 1x1 convolution's positions, or the patches of one whose
     patches do not overlap): packed once where it can be (float32 without autocast, see
-    :func:`packed_weight`), else (out, in * kh * kw) in ``x``'s dtype."""
+    :func:`packed_weight`), else (out, in * kh * kw) in ``x``'s dtype. Never packed under a
+    dispatch mode (a FLOP counter), where :func:`inference_linear` runs the plain operations."""
     if (x.dtype == torch.float32 and _autocast_dtype() is None and x.device == weight.device and packs(weight)
-            and _get_current_dispatch_mode() is None):  # as inference_linear: plain operations under a mode
+            and _get_current_dispatch_mode() is None):
         return packed_weight(weight)
     return weight.flatten(1).to(x.dtype)
 
