@@ -702,12 +702,16 @@ class DVT(nn.Module):
             yield prev
 
     def _check_images(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``, once checked: the stages' token grids and position tables are built for one input size."""
+        """``x``, once checked: the stages' token grids and position tables are built for one input
+        size, and integer images (raw pixels) are refused."""
         expected = (self.in_chans, self.img_size, self.img_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"expected images of shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}; "
                 f"this model was built for img_size={self.img_size} (build it with img_size=... for other sizes)")
+        if not x.is_floating_point():  # the stages cast images to their dtype: 0-255 pixels would pass unnoticed
+            raise TypeError(f"expected floating-point images, scaled to 0-1 and normalised with the model's mean "
+                            f"and std (timm.data.resolve_model_data_config(model)), got {x.dtype}")
         return x
 
     def _exports_relations(self, k: int) -> bool:

@@ -542,6 +542,19 @@ def test_images_of_another_size_are_refused_clearly(shape):
             model.forward_early_exit(torch.zeros(shape), [0.5, 0.5, 0.0])
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_raw_pixels_are_refused_clearly(dtype):
+    """Integer images (raw 0-255 pixels, as torchvision.io.read_image gives them) would be cast to
+    the model's dtype and classified without their scaling and normalisation: refused instead."""
+    model = timm.create_model("DVT_tiny", num_classes=5, img_size=32).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=dtype)
+    with torch.no_grad():
+        for run in (lambda: model(pixels), lambda: model.forward_early_exit(pixels, [0.5, 0.5, 0.0])):
+            with pytest.raises(TypeError, match=f"expected floating-point images, scaled to 0-1 .*got {dtype}"):
+                run()
+        model(pixels.double())  # other floating types are cast, as a bf16 model takes float32 images
+
+
 def recording(steps, calls: list):
     """``steps`` that record (stage, samples) at each call."""
     return [lambda x, *carry, k=k, step=step: calls.append((k, x.shape[0])) or step(x, *carry)
