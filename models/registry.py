@@ -76,6 +76,9 @@ def build_dvt(name: str, pretrained: bool = False, **kwargs) -> DVT:
     """
     if name not in MODEL_CFGS:
         raise ValueError(f"unknown DVT model {name!r}; choose one of: {', '.join(MODEL_CFGS)}")
+    if kwargs.get("features_only"):
+        raise ValueError(f"{name} has no features_only mode (its stages are separate transformers, not one "
+                         "feature pyramid): model.forward_features(x) gives each stage's final tokens")
     timm_args = {k: kwargs.pop(k) for k in TIMM_ARGS if k in kwargs}
     model_kwargs = dict(kwargs)  # what a checkpoint needs to rebuild this model
     if pretrained:

@@ -73,7 +73,8 @@ def test_pretrained_errors_are_clear(tmp_path):
         from_file(tmp_path / "missing.pth.tar")
     path = tmp_path / "w.pth.tar"
     torch.save({"model_state_dict": tiny().state_dict()}, path)
-    with pytest.raises(ValueError, match=r"does not fit DVT_tiny: unexpected keys \[\d+\]: stages\.1\.blocks\.0\.feature_reuse_mlp"):
+    unexpected = r"does not fit DVT_tiny: unexpected keys \[\d+\]: stages\.1\.blocks\.0\.feature_reuse_mlp"
+    with pytest.raises(ValueError, match=unexpected):
         from_file(path, feature_reuse=False)
     torch.save({"flops": [1.0], "epoch": 3}, path)
     with pytest.raises(ValueError, match="no model weights"):
@@ -172,3 +173,10 @@ def test_forward_features_and_head():
         assert all(torch.equal(a, b) for a, b in zip(model(x), pooled))
     with pytest.raises(ValueError, match="features of 3 stages"):
         model.forward_head(features[:2])
+
+
+def test_features_only_is_refused_clearly():
+    """timm's features_only wraps a model by its feature_info; a cascade has none (its stages are
+    separate transformers): one clear line instead of an AttributeError from timm's wrapper."""
+    with pytest.raises(ValueError, match="DVT_tiny has no features_only mode .*model.forward_features"):
+        timm.create_model("DVT_tiny", features_only=True)
