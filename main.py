@@ -263,7 +263,7 @@ def log_start(args: argparse.Namespace, env: DistEnv, folder: Path, model: nn.Mo
     """One line naming what is about to run, and where."""
     plain = unwrap_model(model)
     n_params = sum(p.numel() for p in plain.parameters())
-    cooldown = num_epochs == args.epochs + args.cooldown_epochs > args.epochs
+    cooldown = args.cooldown_epochs > 0 and num_epochs == args.epochs + args.cooldown_epochs
     _logger.info(
         f"{args.model}: {n_params / 1e6:.2f}M parameters, {plain.num_exits} exits, "
         f"{data.num_classes} classes, {args.img_size}px | {env.world_size} process(es) on {env.device.type}"
