@@ -17,6 +17,7 @@ from utils.data.images import (
     decode_rgb,
     load_rgb,
     to_rgb,
+    upright,
 )
 from utils.errors import DataError
 
@@ -134,6 +135,39 @@ def test_16_bit_rgb_png():
     a = (np.random.default_rng(3).integers(0, 256, (4, 4, 3)) * 257).astype(">u2")
     raw = Image.frombytes("RGB", (4, 4), a.tobytes(), "raw", "RGB;16B")
     assert rgb(saved(raw, "PNG")).max() > 200  # read as 8 bits, not clipped to white
+
+
+# EXIF orientation tag -> the stored pixels (H, W, 3) as a viewer shows them
+AS_SHOWN = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+
+
+def tagged_png(pixels: np.ndarray, orientation) -> io.BytesIO:
+    """A PNG of ``pixels`` whose EXIF block holds ``orientation`` (raw bytes: written as they are)."""
+    exif = orientation
+    if isinstance(orientation, int):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", exif=exif)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("orientation", sorted(AS_SHOWN))
+def test_exif_orientation_turns_the_image_only_where_asked(orientation):
+    a = np.random.default_rng(orientation).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    shown = decode_rgb(tagged_png(a, orientation), "tagged.png", exif_orientation=True)
+    assert np.array_equal(np.asarray(shown), AS_SHOWN[orientation](a))
+    assert np.array_equal(np.asarray(decode_rgb(tagged_png(a, orientation), "tagged.png")), a)  # datasets
+    assert np.array_equal(np.asarray(to_rgb(upright(Image.open(tagged_png(a, orientation))))), AS_SHOWN[orientation](a))
+
+
+@pytest.mark.parametrize("exif", [0, 9, b"Exif\x00\x00not a tiff header"], ids=["zero", "nine", "damaged"])
+def test_an_unknown_orientation_keeps_the_stored_pixels(exif):
+    a = np.random.default_rng(0).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(decode_rgb(tagged_png(a, exif), "tagged.png", exif_orientation=True)), a)
 
 
 def test_unreadable_files_name_the_file(tmp_path):

@@ -442,6 +442,34 @@ def test_api_on_pil_images_paths_tensors_and_list_files(labelled, tmp_path):
     assert broken[0].error and broken[0].index is None and broken[1].index == expected[str(paths[0])][0]
 
 
+def test_photos_are_classified_as_a_viewer_shows_them(tmp_path, capsys):
+    """A portrait photo stored as landscape pixels with EXIF orientation 6 (turn 90 degrees
+    clockwise) gets the prediction of the upright image, by path, as a PIL image and with
+    --predict."""
+    model = tiny_model()
+    ckpt = project_checkpoint(tmp_path / "tiny.pth", model, class_names=list(CLASSES), flops=FLOPS)
+    shown = np.random.RandomState(5).randint(0, 256, (48, 30, 3), dtype=np.uint8)  # portrait (H 48, W 30)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(shown).save(photos / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1))).save(photos / "tagged.png", exif=exif)
+    clf = DVTClassifier.from_checkpoint(ckpt, thresholds=[2.0, 2.0])  # every image to the last exit
+    upright, by_path = clf.predict([photos / "upright.png", photos / "tagged.png"])
+    by_image = clf.predict(Image.open(photos / "tagged.png"))[0]
+    assert upright.error is None and by_path.error is None
+    for row in (by_path, by_image):
+        assert (row.index, row.exit) == (upright.index, 3) and row.confidence == pytest.approx(upright.confidence)
+    code, _, _ = run(capsys, "--checkpoint_path", ckpt, "--predict", photos, "--thresholds", 2.0, 2.0,
+                     "--output", tmp_path / "preds.csv")
+    rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "preds.csv")}
+    assert code == 0 and rows["tagged.png"]["confidence"] == rows["upright.png"]["confidence"]
+    with torch.no_grad():  # what datasets read: the stored pixels
+        stored = model(eval_images([photos / "tagged.png"]))[-1].softmax(-1).amax()
+    assert float(stored) != pytest.approx(upright.confidence, abs=1e-4)
+
+
 def test_stream_answers_each_batch_as_classify_with_the_later_stages_on_full_batches(labelled, tmp_path):
     """classify_stream: one list of rows per batch, in order, equal to classify batch by batch,
     batches of unreadable files alone included (first, between and last); stages 2 and 3 run

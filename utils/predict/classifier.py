@@ -37,7 +37,7 @@ from ..budget.flops import exit_costs
 from ..checkpoint.files import load_checkpoint_file
 from ..checkpoint.weights import build_from_checkpoint, checkpoint_weights
 from ..data.classes import attach_class_names, label_mapper
-from ..data.images import load_rgb, to_rgb
+from ..data.images import load_rgb, to_rgb, upright
 from ..errors import one_line
 from ..precision import autocast_context, resolve_precision
 from .sources import ImageBatch, check_sources, stream_batches
@@ -281,7 +281,8 @@ class DVTClassifier:
     def predict(self, images: Any, topk: int = 0) -> list[Prediction]:
         """Classify images given as a tensor batch (preprocessed, (B, 3, H, W) or one (3, H, W)),
         or as one or a list of PIL images and file paths (an unreadable file gives a row with
-        its ``error``)."""
+        its ``error``). Images and files are turned as their EXIF orientation tag says, as a
+        viewer shows them."""
         if isinstance(images, torch.Tensor):
             return self.classify(images.unsqueeze(0) if images.dim() == 3 else images, topk=topk)
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
@@ -290,7 +291,8 @@ class DVTClassifier:
             is_image = isinstance(item, Image.Image)
             paths.append(None if is_image else os.fspath(item))
             try:
-                tensors.append(self.transform(to_rgb(item) if is_image else load_rgb(paths[-1])))
+                image = to_rgb(upright(item)) if is_image else load_rgb(paths[-1], exif_orientation=True)
+                tensors.append(self.transform(image))
                 errors.append(None)
             except Exception as e:  # one bad image is that image's row, not the end of the call
                 errors.append(one_line(e))

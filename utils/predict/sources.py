@@ -110,11 +110,12 @@ class ImageBatch(NamedTuple):
 
 
 def load_batch(paths: list[str], transform: Callable[[Image.Image], torch.Tensor]) -> ImageBatch:
-    """Read and transform each path; a failure is recorded, never raised."""
+    """Read each path (turned as its EXIF orientation says), transform it; a failure is
+    recorded, never raised."""
     tensors, errors = [], []
     for path in paths:
         try:
-            tensors.append(transform(open_rgb(path)))
+            tensors.append(transform(open_rgb(path, exif_orientation=True)))
             errors.append(None)
         except Exception as e:  # any failure of one image (format, truncation, size) stays its own
             errors.append(one_line(e))
