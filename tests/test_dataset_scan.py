@@ -45,6 +45,23 @@ def test_symlink_loop_hidden_and_appledouble_files_are_harmless(small_data, tmp_
     assert listed.skipped["folders seen before"] == 2
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["images without class folders", "empty"])
+def test_a_split_without_class_folders_is_named_before_anything_is_written(small_data, tmp_path, capsys, flat):
+    """ImageNet's validation archive unpacks into one flat folder of images: one line says so."""
+    data = shutil.copytree(small_data, tmp_path / "data")
+    images = sorted((data / "val").rglob("*.png"))
+    for image in images:
+        if flat:
+            image.rename(data / "val" / f"{image.parent.name}_{image.name}")
+    for folder in [p for p in (data / "val").iterdir() if p.is_dir()]:
+        shutil.rmtree(folder)
+    code, out, err = run_main(capsys, quick_args(data, tmp_path / "out"))
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code != 0 and line == [line[-1]] and f"{data / 'val'} has no class folders" in line[0], err
+    assert (f"only {len(images)} files" in line[0] and "move each image into the folder of" in line[0]) == flat
+    assert not (tmp_path / "out").exists()
+
+
 def _list_on_rank_zero(rank: int, port: int, folder: str) -> None:
     """One of two processes: joins a gloo group through the test's store, lists (pretends to)
     on rank 0 only."""

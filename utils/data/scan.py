@@ -65,9 +65,13 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     root = os.fspath(root)
     try:
         with os.scandir(root) as entries:
-            classes = sorted(e.name for e in entries if not _hidden(e.name) and e.is_dir())
+            visible = [e for e in entries if not _hidden(e.name)]
+            classes = sorted(e.name for e in visible if e.is_dir())
     except OSError as e:
         raise DataError(f"cannot list {root}: {e.strerror or e}") from None
+    if not classes and visible:  # e.g. ImageNet's validation archive, which unpacks without class folders
+        raise DataError(f"{root} has no class folders, only {len(visible):,} files (expected {root}/<class>/<images>: "
+                        f"move each image into the folder of its class, named as in the training split)")
     if not classes:
         raise DataError(f"{root} has no class folders (expected {root}/<class>/<images>)")
     return classes
