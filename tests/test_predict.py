@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import importlib.util
 import json
 import re
 import subprocess
@@ -388,6 +389,8 @@ def bad_cases(root: Path, ckpt: Path, bare: Path) -> dict[str, tuple[list, str]]
     val = root / "val"
     return {
         "missing image": (["--checkpoint_path", ckpt, "--predict", root / "nowhere.jpg"], "no such file or folder"),
+        "a URL": (["--checkpoint_path", ckpt, "--predict", "https://example.com/cat.jpg"],
+                  "no such file or folder: https://example.com/cat.jpg (images are read from files here, not fetched"),
         "output suffix": (["--checkpoint_path", ckpt, "--predict", val, "--output", root / "p.txt"],
                           "must end in .csv or .jsonl"),
         "thresholds count": (["--checkpoint_path", ckpt, "--predict", val, "--thresholds", 0.5],
@@ -468,6 +471,31 @@ def test_photos_are_classified_as_a_viewer_shows_them(tmp_path, capsys):
     with torch.no_grad():  # what datasets read: the stored pixels
         stored = model(eval_images([photos / "tagged.png"]))[-1].softmax(-1).amax()
     assert float(stored) != pytest.approx(upright.confidence, abs=1e-4)
+
+
+def test_phone_and_browser_formats_are_read_or_named(tmp_path, capsys):
+    """.jfif (browsers' JPEG), AVIF (read by Pillow 11.2 on) and HEIC (an iPhone's photos, read
+    with the pillow-heif plugin) get a row each: a class, or an error that says what to install."""
+    from PIL import features
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pixels = np.random.RandomState(0).randint(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photos / "web.jfif", format="JPEG")
+    reads_avif = "avif" in features.modules and features.check_module("avif")
+    if reads_avif:
+        Image.fromarray(pixels).save(photos / "android.avif")
+    else:
+        (photos / "android.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + bytes(64))
+    (photos / "iphone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))  # no decodable content
+    ckpt = project_checkpoint(tmp_path / "tiny.pth", tiny_model(), class_names=list(CLASSES), flops=FLOPS)
+    code, _, err = run(capsys, "--checkpoint_path", ckpt, "--predict", photos, "--output", tmp_path / "preds.csv")
+    rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "preds.csv")}
+    assert code == 0 and sorted(rows) == ["android.avif", "iphone.heic", "web.jfif"], err
+    assert rows["web.jfif"]["class_index"] and not rows["web.jfif"]["error"]
+    assert bool(rows["android.avif"]["class_index"]) == reads_avif
+    assert reads_avif or "Pillow 11.2 or newer" in rows["android.avif"]["error"]
+    assert "pip install pillow-heif" in rows["iphone.heic"]["error"] or importlib.util.find_spec("pillow_heif")
 
 
 def test_stream_answers_each_batch_as_classify_with_the_later_stages_on_full_batches(labelled, tmp_path):

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+import PIL
+from PIL import Image, ImageOps, features
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import DataError
@@ -120,6 +123,31 @@ def upright(img: Image.Image) -> Image.Image:
     return img
 
 
+HEIF_SUFFIXES = (".heic", ".heif")
+
+
+@lru_cache(maxsize=None)
+def heif_decoder() -> bool:
+    """Whether PIL opens HEIC/HEIF photos (an iPhone's default format) in this process: it does
+    where the optional ``pillow-heif`` plugin is installed, registered here on first call."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _missing_decoder(name: str) -> str:
+    """What to do about a file whose kind this Pillow cannot decode, from its suffix ('' if known)."""
+    suffix = os.path.splitext(str(name))[1].lower()
+    if suffix in HEIF_SUFFIXES and not heif_decoder():
+        return " (HEIC/HEIF photos need the pillow-heif plugin: pip install pillow-heif, or convert them to JPEG)"
+    if suffix == ".avif" and not ("avif" in features.modules and features.check_module("avif")):
+        return f" (Pillow {PIL.__version__} reads no AVIF here: Pillow 11.2 or newer does)"
+    return ""
+
+
 def load_rgb(path: str, exif_orientation: bool = False) -> Image.Image:
     """Open an image file as 8-bit RGB (see :func:`to_rgb`), or raise a DataError naming the file.
 
@@ -148,7 +176,7 @@ def decode_rgb(stream: Any, name: str, exif_orientation: bool = False) -> Image.
         raise DataError(f"cannot read image {name}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         detail = str(e).strip() or type(e).__name__
-        raise DataError(f"cannot read image {name}: {detail}") from None
+        raise DataError(f"cannot read image {name}: {detail}{_missing_decoder(name)}") from None
 
 
 @dataclass(frozen=True)

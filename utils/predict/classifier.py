@@ -37,7 +37,7 @@ from ..budget.flops import exit_costs
 from ..checkpoint.files import load_checkpoint_file
 from ..checkpoint.weights import build_from_checkpoint, checkpoint_weights
 from ..data.classes import attach_class_names, label_mapper
-from ..data.images import load_rgb, to_rgb, upright
+from ..data.images import heif_decoder, load_rgb, to_rgb, upright
 from ..errors import one_line
 from ..precision import autocast_context, resolve_precision
 from .sources import ImageBatch, check_sources, stream_batches
@@ -287,6 +287,7 @@ class DVTClassifier:
             return self.classify(images.unsqueeze(0) if images.dim() == 3 else images, topk=topk)
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
         tensors, paths, errors = [], [], []
+        heif_decoder()
         for item in items:
             is_image = isinstance(item, Image.Image)
             paths.append(None if is_image else os.fspath(item))

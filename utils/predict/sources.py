@@ -19,10 +19,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..data.images import heif_decoder
 from ..data.tar_members import is_tar_name, iter_tar_members, open_rgb
 from ..errors import ConfigError, one_line
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# what cameras, phones and browsers save; HEIC/HEIF is read where pillow-heif is installed, else
+# each such file gets a row saying so (never skipped without a word)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
+                  ".webp", ".avif", ".heic", ".heif")
 LIST_SUFFIXES = (".txt", ".lst")
 
 
@@ -86,7 +90,8 @@ def check_sources(sources: Sequence[str | os.PathLike]) -> list[str]:
     for source in map(os.fspath, sources):
         path = Path(source)
         if not path.exists():
-            raise ConfigError(f"no such file or folder: {source}")
+            remote = " (images are read from files here, not fetched: download it first)" if "://" in source else ""
+            raise ConfigError(f"no such file or folder: {source}{remote}")
         if path.is_dir():
             if next(walk_images(path), None) is None:
                 raise ConfigError(f"no images in {source} (looked for {', '.join(IMAGE_SUFFIXES)})")
@@ -113,6 +118,7 @@ def load_batch(paths: list[str], transform: Callable[[Image.Image], torch.Tensor
     """Read each path (turned as its EXIF orientation says), transform it; a failure is
     recorded, never raised."""
     tensors, errors = [], []
+    heif_decoder()  # in every loader worker too
     for path in paths:
         try:
             tensors.append(transform(open_rgb(path, exif_orientation=True)))
