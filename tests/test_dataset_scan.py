@@ -62,6 +62,21 @@ def test_a_split_without_class_folders_is_named_before_anything_is_written(small
     assert not (tmp_path / "out").exists()
 
 
+def test_files_left_out_for_their_type_are_counted_in_one_line(small_data, tmp_path):
+    """Phone photos (.heic) in a training folder are not read: one line says how many, by type."""
+    data = shutil.copytree(small_data / "train", tmp_path / "train")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "notes.txt", "README"):
+        (data / "class_1" / name).write_bytes(b"x")
+    lines: list[str] = []
+    listed = scan_image_folder(data, report=lines.append)
+    assert len(listed.samples) == 24 and listed.skipped["other files"] == 4
+    assert lines == [f"{data}: left out 4 files of other types (2 .heic, 1 .txt, 1 no suffix); "
+                     "images are read from .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp"]
+    lines.clear()
+    scan_image_folder(small_data / "train", report=lines.append)
+    assert lines == []
+
+
 def _list_on_rank_zero(rank: int, port: int, folder: str) -> None:
     """One of two processes: joins a gloo group through the test's store, lists (pretends to)
     on rank 0 only."""

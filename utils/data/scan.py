@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -90,6 +91,7 @@ class _Walker:
         st = os.stat(root)
         self.seen: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}  # a link back to the root is a loop too
         self.skipped = {"hidden": 0, "folders seen before": 0, "other files": 0, "broken links": 0}
+        self.other_types: Counter[str] = Counter()  # "other files" by suffix
         self.files = 0
         self.folders = 0
         self.started = time.monotonic()
@@ -148,6 +150,7 @@ class _Walker:
                             self.skipped["broken links"] += 1
                         else:
                             self.skipped["other files"] += 1
+                            self.other_types[os.path.splitext(entry.name)[1].lower() or "no suffix"] += 1
             except OSError as e:
                 raise DataError(f"cannot list {path}: {e.strerror or e}") from None
             self.files += len(images)
@@ -169,7 +172,8 @@ def scan_image_folder(
         root: the folder holding one sub-folder per class.
         extensions: image file name endings (any case).
         max_depth: most levels of folders below a class folder.
-        report: called with a progress line every few seconds of a long scan (None: silent).
+        report: called with a progress line every few seconds of a long scan, and with a line
+            counting the files left out for their type, by suffix (None: silent).
         stop: called as the scan goes; a non-zero return (a signal number) ends the scan
             with :class:`ScanInterrupted`.
 
@@ -195,5 +199,10 @@ def scan_image_folder(
                         f"{', '.join(extensions)}); remove empty class folders or add images")
     if report is not None and time.monotonic() - walker.started >= REPORT_AFTER_S:
         report(f"listed {root}: {len(samples):,} images of {len(classes)} class{'es' if len(classes) != 1 else ''}")
+    if report is not None and walker.other_types:
+        counts = sorted(walker.other_types.items(), key=lambda item: (-item[1], item[0]))  # the same on any file system
+        kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in counts[:5])
+        report(f"{root}: left out {sum(walker.other_types.values()):,} files of other types ({kinds}"
+               f"{', ...' if len(walker.other_types) > 5 else ''}); images are read from {', '.join(extensions)}")
     skipped = {k: v for k, v in walker.skipped.items() if v}
     return ScanResult(classes, samples, skipped)
