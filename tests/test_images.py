@@ -1,6 +1,7 @@
 """Image reading: every PIL mode to the right 8-bit RGB, and the bad-image policy's pieces."""
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -168,6 +169,29 @@ def test_exif_orientation_turns_the_image_only_where_asked(orientation):
 def test_an_unknown_orientation_keeps_the_stored_pixels(exif):
     a = np.random.default_rng(0).integers(0, 256, (3, 5, 3), dtype=np.uint8)
     assert np.array_equal(np.asarray(decode_rgb(tagged_png(a, exif), "tagged.png", exif_orientation=True)), a)
+
+
+@functools.lru_cache(maxsize=None)
+def photo(width: int, height: int, fmt: str) -> bytes:
+    """A smooth photo-like image with noise, as a file of format ``fmt``."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(xx / 40.0), np.cos(yy / 30.0), np.sin((xx + yy) / 70.0)], -1) * 90 + 128
+    pixels = np.clip(base + np.random.default_rng(0).normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("draft,size", [(496, (1000, 750)), (300, (500, 375)), (180, (500, 375)),
+                                        (800, (2000, 1500)), (None, (2000, 1500))])
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_draft_size(draft, size):
+    """At 1/2 or 1/4 of its size, never 1/8 (each 8x8 block's mean alone: about 2 levels off)."""
+    img = decode_rgb(io.BytesIO(photo(2000, 1500, "JPEG")), "photo.jpg", draft=draft)
+    assert img.mode == "RGB" and img.size == size
+    full = decode_rgb(io.BytesIO(photo(2000, 1500, "JPEG")), "photo.jpg").resize((100, 75), Image.BICUBIC)
+    diff = np.abs(np.asarray(img.resize((100, 75), Image.BICUBIC)).astype(int) - np.asarray(full).astype(int))
+    assert diff.mean() < 1.0  # pixel levels: shrunk 2x or more further (as --predict does), the same picture
+    assert decode_rgb(io.BytesIO(photo(2000, 1500, "PNG")), "photo.png", draft=draft).size == (2000, 1500)  # JPEG only
 
 
 def test_unreadable_files_name_the_file(tmp_path):

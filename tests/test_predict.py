@@ -30,7 +30,8 @@ from helpers import REPO, SUBPROCESS_ENV, TINY
 from models.dvt import to_original_state_dict
 from models.factory import guess_model
 from utils.predict.classifier import DVTClassifier
-from utils.predict.sources import iter_image_paths
+from utils.data.images import load_rgb
+from utils.predict.sources import draft_size, iter_image_paths
 
 IMG = 32  # model resolution: DVT_tiny at 32 pixels runs in milliseconds
 CLASSES = ("ant", "bee", "cow")
@@ -496,6 +497,25 @@ def test_phone_and_browser_formats_are_read_or_named(tmp_path, capsys):
     assert bool(rows["android.avif"]["class_index"]) == reads_avif
     assert reads_avif or "Pillow 11.2 or newer" in rows["android.avif"]["error"]
     assert "pip install pillow-heif" in rows["iphone.heic"]["error"] or importlib.util.find_spec("pillow_heif")
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    """A photo many times the model's size is decoded at 1/2 or 1/4 of its size (2x the resize or
+    more), by path and streamed alike; the prediction stays that of the full decode."""
+    model = tiny_model()
+    ckpt = project_checkpoint(tmp_path / "tiny.pth", model, class_names=list(CLASSES), flops=FLOPS)
+    clf = DVTClassifier.from_checkpoint(ckpt, thresholds=[2.0, 2.0])
+    assert draft_size(clf.transform) == 2 * int(IMG / clf.data_config["crop_pct"])
+    yy, xx = np.mgrid[0:600, 0:800]
+    pixels = np.stack([np.sin(xx / 40.0), np.cos(yy / 30.0), np.sin((xx + yy) / 70.0)], -1) * 90 + 128
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "photo.jpg", quality=90)
+    drafted = load_rgb(str(tmp_path / "photo.jpg"), draft=draft_size(clf.transform))
+    assert drafted.size == (200, 150)
+    expected = clf.classify(clf.transform(drafted)[None])[0]
+    full = clf.classify(clf.transform(load_rgb(str(tmp_path / "photo.jpg")))[None])[0]
+    for row in (clf.predict(tmp_path / "photo.jpg")[0], next(clf.predict_paths([tmp_path / "photo.jpg"]))):
+        assert (row.index, row.confidence) == (expected.index, expected.confidence)
+    assert full.index == expected.index and full.confidence == pytest.approx(expected.confidence, abs=5e-3)
 
 
 def test_stream_answers_each_batch_as_classify_with_the_later_stages_on_full_batches(labelled, tmp_path):

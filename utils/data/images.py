@@ -148,28 +148,34 @@ def _missing_decoder(name: str) -> str:
     return ""
 
 
-def load_rgb(path: str, exif_orientation: bool = False) -> Image.Image:
+def load_rgb(path: str, exif_orientation: bool = False, draft: Optional[int] = None) -> Image.Image:
     """Open an image file as 8-bit RGB (see :func:`to_rgb`), or raise a DataError naming the file.
 
     Damaged, truncated and unidentifiable files, and images over PIL's decompression-bomb
-    limit, all raise the DataError. ``exif_orientation``: turn it upright (:func:`upright`)."""
+    limit, all raise the DataError. ``exif_orientation`` and ``draft``: see :func:`decode_rgb`."""
     try:
         with open(path, "rb") as f:
-            return decode_rgb(f, path, exif_orientation)
+            return decode_rgb(f, path, exif_orientation, draft)
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
-def decode_rgb(stream: Any, name: str, exif_orientation: bool = False) -> Image.Image:
+def decode_rgb(stream: Any, name: str, exif_orientation: bool = False, draft: Optional[int] = None) -> Image.Image:
     """Decode an image from a binary file object (a file, a member of a tar archive) as 8-bit RGB.
 
     Args:
         stream: readable binary file object.
         name: the name the error message gives for it.
         exif_orientation: turn the image as its EXIF orientation tag says (:func:`upright`).
+        draft: decode a JPEG at the smallest scale, 1/2 or 1/4 (done by the decoder), whose
+            sides are both at least this many pixels: a 12-megapixel photo to be resized to a
+            few hundred pixels decodes about 2.5 times as fast (None: full size). Not 1/8, which
+            the decoder makes from each block's mean alone (about 2 levels off per pixel).
     """
     try:
         img = Image.open(stream)
+        if draft is not None and img.format == "JPEG":
+            img.draft(img.mode, (max(draft, img.width // 8 + 1), draft))  # width // 8 + 1: at most 1/4
         img.load()
         return to_rgb(upright(img) if exif_orientation else img)
     except Image.DecompressionBombError as e:

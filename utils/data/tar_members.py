@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from PIL import Image
 
@@ -69,12 +69,12 @@ def iter_tar_members(archive: str, keep: Callable[[str], bool]) -> Iterator[TarM
                 yield TarMember(archive, info.name, info.offset_data, info.size)
 
 
-def open_rgb(path: str, exif_orientation: bool = False) -> Image.Image:
+def open_rgb(path: str, exif_orientation: bool = False, draft: Optional[int] = None) -> Image.Image:
     """An image file, or a :class:`TarMember`, as 8-bit RGB (see :func:`utils.data.images.load_rgb`)."""
     if isinstance(path, TarMember):
         try:
             data = path.read()
         except OSError as e:
             raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
-        return decode_rgb(io.BytesIO(data), path, exif_orientation)
-    return load_rgb(path, exif_orientation)
+        return decode_rgb(io.BytesIO(data), path, exif_orientation, draft)
+    return load_rgb(path, exif_orientation, draft)

@@ -40,7 +40,7 @@ from ..data.classes import attach_class_names, label_mapper
 from ..data.images import heif_decoder, load_rgb, to_rgb, upright
 from ..errors import one_line
 from ..precision import autocast_context, resolve_precision
-from .sources import ImageBatch, check_sources, stream_batches
+from .sources import ImageBatch, check_sources, draft_size, stream_batches
 
 
 @dataclass(frozen=True)
@@ -288,11 +288,12 @@ class DVTClassifier:
         items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
         tensors, paths, errors = [], [], []
         heif_decoder()
+        draft = draft_size(self.transform)
         for item in items:
             is_image = isinstance(item, Image.Image)
             paths.append(None if is_image else os.fspath(item))
             try:
-                image = to_rgb(upright(item)) if is_image else load_rgb(paths[-1], exif_orientation=True)
+                image = to_rgb(upright(item)) if is_image else load_rgb(paths[-1], exif_orientation=True, draft=draft)
                 tensors.append(self.transform(image))
                 errors.append(None)
             except Exception as e:  # one bad image is that image's row, not the end of the call

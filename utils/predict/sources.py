@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import transforms
 
 from ..data.images import heif_decoder
 from ..data.tar_members import is_tar_name, iter_tar_members, open_rgb
@@ -114,14 +115,26 @@ class ImageBatch(NamedTuple):
     errors: list[Optional[str]]
 
 
+def draft_size(transform: Callable) -> Optional[int]:
+    """How large a JPEG is decoded before ``transform`` (``decode_rgb``'s ``draft``): twice the
+    shorter side its first resize makes, so that resize still shrinks the image at least 2x; None
+    (full size) for a transform without a resize."""
+    for step in getattr(transform, "transforms", ()):
+        if isinstance(step, transforms.Resize):
+            return 2 * (step.size if isinstance(step.size, int) else min(step.size))
+    return None
+
+
 def load_batch(paths: list[str], transform: Callable[[Image.Image], torch.Tensor]) -> ImageBatch:
-    """Read each path (turned as its EXIF orientation says), transform it; a failure is
-    recorded, never raised."""
+    """Read each path (turned as its EXIF orientation says; a JPEG decoded at a reduced scale
+    where ``transform`` resizes it much smaller anyway), transform it; a failure is recorded,
+    never raised."""
     tensors, errors = [], []
     heif_decoder()  # in every loader worker too
+    draft = draft_size(transform)
     for path in paths:
         try:
-            tensors.append(transform(open_rgb(path, exif_orientation=True)))
+            tensors.append(transform(open_rgb(path, exif_orientation=True, draft=draft)))
             errors.append(None)
         except Exception as e:  # any failure of one image (format, truncation, size) stays its own
             errors.append(one_line(e))
