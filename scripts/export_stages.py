@@ -91,8 +91,8 @@ def build_model(args: argparse.Namespace) -> DVT:
     checkpoint = load_checkpoint_file(args.checkpoint)
     stored = stored_img_size(checkpoint)
     if stored is not None and args.img_size not in (None, stored):
-        raise CheckpointError(f"{args.checkpoint} was trained at --img-size {stored}, but --img-size is {args.img_size}; "
-                          f"drop --img-size or pass --img-size {stored}")
+        raise CheckpointError(f"{args.checkpoint} was trained at --img-size {stored}, but --img-size is "
+                              f"{args.img_size}; drop --img-size or pass --img-size {stored}")
     defaults = {"img_size": args.img_size} if args.img_size is not None else None
     model, _ = build_from_checkpoint(checkpoint, args.checkpoint, name=args.model, defaults=defaults)
     if not isinstance(model, DVT):

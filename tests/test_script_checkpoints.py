@@ -86,7 +86,8 @@ def test_checkpoint_folder_without_config(files, tmp_path, capsys):
     folder.mkdir()
     code, line = refused(capsys, tmp_path, "--checkpoint", str(folder))
     assert code == 1 and line == (f"error: {folder} is a folder, not a checkpoint file or a model folder "
-                                  f"({CONFIG_FILE} + {WEIGHTS_FILE}); pass a file in it (e.g. {folder / 'last.pth.tar'})")
+                                  f"({CONFIG_FILE} + {WEIGHTS_FILE}); pass a file in it "
+                                  f"(e.g. {folder / 'last.pth.tar'})")
 
 
 def test_missing_checkpoint(tmp_path, capsys):

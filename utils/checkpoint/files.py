@@ -87,7 +87,8 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
             f"that could run code when loaded). {' '.join(unsafe)[:300]}".rstrip()) from None
     except Exception as e:  # torch.load reports a damaged file through many exception types
         detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path} (not a PyTorch checkpoint, or damaged): {detail}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (not a PyTorch checkpoint, or damaged): "
+                              f"{detail}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dictionary")
     return dict(obj)

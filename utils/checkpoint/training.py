@@ -207,7 +207,8 @@ def check_resumable(checkpoint: Mapping[str, Any], path: str, model: str, img_si
     weights = checkpoint.get("model")
     same_layout = layout is not None and isinstance(weights, Mapping) and state_layout(weights) == dict(layout)
     if stored and stored != model and not same_layout:
-        raise CheckpointError(f"--resume {path} is a {stored} checkpoint, but --model is {model}; pass --model {stored}")
+        raise CheckpointError(f"--resume {path} is a {stored} checkpoint, but --model is {model}; "
+                              f"pass --model {stored}")
     kwargs = checkpoint.get("model_kwargs") or {}
     if kwargs.get("img_size") not in (None, img_size):
         raise CheckpointError(f"--resume {path} was trained at --img-size {kwargs['img_size']}, this run is at "

@@ -10,8 +10,9 @@ image (the class) and gives every image a difficulty ``d`` in [0, 1]:
   contrast, so only fine detail (a ring's hole, a frame's inside, a plus's arms) tells the
   classes apart.
 
-(:mod:`utils.data.shapes` draws the images.) Size, contrast, noise, shading, clutter and position all move with ``d``; the difficulties
-are spread evenly over ``difficulty_range`` in every class and split, and recorded per image
+(:mod:`utils.data.shapes` draws the images.) Size, contrast, noise, shading, clutter and
+position all move with ``d``; the difficulties are spread evenly over ``difficulty_range`` in
+every class and split, and recorded per image
 in ``manifest.json`` for analysis. The tree is an ImageFolder (``root/train/<class>/*.png``,
 ``root/val/<class>/*.png``) written deterministically (same parameters, same files) and
 cached: a second call with the same parameters returns at once, one with other parameters

@@ -75,7 +75,8 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> to
                                lr=lr, weight_decay=args.weight_decay, momentum=args.momentum, **opt_kwargs)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, int]:
+def build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> tuple[Any, int]:
     """timm's scheduler ``--sched`` and the number of epochs it runs (cool-down included)."""
     try:
         return create_scheduler_v2(
