@@ -431,17 +431,23 @@ def test_api_on_pil_images_paths_tensors_and_list_files(labelled, tmp_path):
     expected = simulate(model, paths, thresholds)
     by_path = clf.predict([str(p) for p in paths], topk=2)
     by_image = clf.predict([Image.open(p) for p in paths])
+    by_array = clf.predict([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    stacked = clf.predict(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[::4]]))  # one size
+    assert [r.index for r in stacked] == [r.index for r in by_array[::4]]
+    assert [r.confidence for r in stacked] == pytest.approx([r.confidence for r in by_array[::4]], abs=2e-6)
     by_tensor = clf.predict(eval_images(paths))
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(map(str, reversed(paths))) + "\n\n")
     streamed = list(clf.predict_paths([listed], batch_size=3))
     assert [p.path for p in streamed] == [str(p) for p in reversed(paths)]
-    for rows in (by_path, by_image, by_tensor, streamed[::-1]):
+    for rows in (by_path, by_image, by_array, by_tensor, streamed[::-1]):
         assert [(r.index, r.exit) for r in rows] == [expected[str(p)][:2] for p in paths]
         assert [r.confidence for r in rows] == pytest.approx([expected[str(p)][2] for p in paths], abs=2e-6)
         assert [r.name for r in rows] == [CLASSES[r.index] for r in rows]
         assert [r.gflops for r in rows] == [FLOPS[r.exit - 1] for r in rows]
     assert all(r.topk_index[0] == r.index and len(r.topk_name) == 2 for r in by_path)
+    with pytest.raises(ValueError, match=r"uint8 arrays of shape \(H, W, 3\).*got float32 of shape \(3, 36, 36\)"):
+        clf.predict(np.zeros((3, 36, 36), np.float32))
     broken = clf.predict([tmp_path / "list.txt", paths[0]])
     assert broken[0].error and broken[0].index is None and broken[1].index == expected[str(paths[0])][0]
 

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -81,6 +82,14 @@ def _checked_rows(images: torch.Tensor, paths: Optional[Sequence[Optional[str]]]
     if sum(e is None for e in errors) != images.shape[0] or len(paths) != len(errors):
         raise ValueError("classify: one path and one error entry per row, and one image per row without error")
     return paths, errors
+
+
+def image_from_array(a: np.ndarray) -> Image.Image:
+    """A uint8 (H, W, 3) RGB, (H, W, 4) RGBA or (H, W) grayscale array as a PIL image."""
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"expected images as uint8 arrays of shape (H, W, 3), (H, W, 4) or (H, W), got {a.dtype} "
+                         f"of shape {a.shape} (a preprocessed batch goes in as a torch tensor)")
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def amp_dtype_of(amp: Optional[str | torch.dtype], device: torch.device) -> Optional[torch.dtype]:
@@ -280,12 +289,16 @@ class DVTClassifier:
 
     def predict(self, images: Any, topk: int = 0) -> list[Prediction]:
         """Classify images given as a tensor batch (preprocessed, (B, 3, H, W) or one (3, H, W)),
-        or as one or a list of PIL images and file paths (an unreadable file gives a row with
-        its ``error``). Images and files are turned as their EXIF orientation tag says, as a
-        viewer shows them."""
+        or as one or a list of PIL images, file paths and uint8 arrays ((H, W, 3) RGB, (H, W, 4)
+        RGBA or (H, W) grayscale, as ``np.asarray(pil_image)`` gives; OpenCV's are BGR:
+        ``a[..., ::-1]``), an unreadable file giving a row with its ``error``. Images and files
+        are turned as their EXIF orientation tag says, as a viewer shows them."""
         if isinstance(images, torch.Tensor):
             return self.classify(images.unsqueeze(0) if images.dim() == 3 else images, topk=topk)
-        items = [images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images)
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):  # one image, not a stack of them
+            images = [images]
+        items = [image_from_array(x) if isinstance(x, np.ndarray) else x
+                 for x in ([images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images))]
         tensors, paths, errors = [], [], []
         heif_decoder()
         draft = draft_size(self.transform)
