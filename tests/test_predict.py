@@ -394,6 +394,8 @@ def bad_cases(root: Path, ckpt: Path, bare: Path) -> dict[str, tuple[list, str]]
                   "no such file or folder: https://example.com/cat.jpg (images are read from files here, not fetched"),
         "output suffix": (["--checkpoint_path", ckpt, "--predict", val, "--output", root / "p.txt"],
                           "must end in .csv or .jsonl"),
+        "output folder": (["--checkpoint_path", ckpt, "--predict", val, "--output", val],
+                          f"{val} is a folder; name a .csv or .jsonl file (e.g. {val / 'preds.csv'})"),
         "thresholds count": (["--checkpoint_path", ckpt, "--predict", val, "--thresholds", 0.5],
                              "the model has 3 exits: give 2 thresholds"),
         "budget below every row": (["--checkpoint_path", ckpt, "--predict", val, "--budget", 0.001],

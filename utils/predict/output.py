@@ -30,10 +30,10 @@ def output_format(path: Optional[str | os.PathLike]) -> str:
         return "csv"
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; name a {' or '.join(FORMATS)} file (e.g. {path / 'preds.csv'})")
     if fmt is None:
         raise ConfigError(f"the predictions file must end in {' or '.join(FORMATS)}, got {path}")
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; name a {' or '.join(FORMATS)} file")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"folder {parent} does not exist (for {path})")
