@@ -60,6 +60,7 @@ from utils.checkpoint.weights import build_from_checkpoint, checkpoint_model_nam
 from utils.data.build import read_split, split_classes
 from utils.data.classes import check_checkpoint_classes, check_split_classes
 from utils.data.loader import BatchShardSampler, calibration_subset, close_loaders, make_loader
+from utils.data.scan import left_out_line
 from utils.data.transforms import calibration_transform, eval_transform
 from utils.errors import CheckpointError, ConfigError, DataError, one_line
 from utils.precision import resolve_precision
@@ -67,7 +68,7 @@ from utils.predict.classifier import DVTClassifier
 from utils.predict.job import PredictOptions, predict_files
 from utils.predict.output import PredictionSummary, output_format
 from utils.predict.resume import refuse_existing
-from utils.predict.sources import check_sources
+from utils.predict.sources import IMAGE_SUFFIXES, check_sources, files_left_out
 from utils.run.allocator import allocator_choice, keep_freed_memory
 from utils.run.distributed import DistEnv, cleanup_distributed, join_launcher, launcher_rank, on_rank_zero
 from utils.run.inference_options import (
@@ -340,6 +341,9 @@ def predict_images(args: argparse.Namespace) -> None:
                              not args.no_progress)
     predict_files(clf, sources, env, options, summary)
     note(summary.line(clf.choice.budget, clf.choice.expected_gflops))
+    left_out = files_left_out(sources) if launcher_rank() == 0 else None  # one more listing: cheap next to the images
+    if left_out:
+        note(left_out_line("--predict", left_out, IMAGE_SUFFIXES))
     if args.output:
         note(f"wrote {args.output}")
 

@@ -473,10 +473,11 @@ def test_photos_are_classified_as_a_viewer_shows_them(tmp_path, capsys):
     assert upright.error is None and by_path.error is None
     for row in (by_path, by_image):
         assert (row.index, row.exit) == (upright.index, 3) and row.confidence == pytest.approx(upright.confidence)
-    code, _, _ = run(capsys, "--checkpoint_path", ckpt, "--predict", photos, "--thresholds", 2.0, 2.0,
-                     "--output", tmp_path / "preds.csv")
+    code, _, err = run(capsys, "--checkpoint_path", ckpt, "--predict", photos, "--thresholds", 2.0, 2.0,
+                       "--output", tmp_path / "preds.csv")
     rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "preds.csv")}
     assert code == 0 and rows["tagged.png"]["confidence"] == rows["upright.png"]["confidence"]
+    assert "left out" not in err  # only images in the folder
     with torch.no_grad():  # what datasets read: the stored pixels
         stored = model(eval_images([photos / "tagged.png"]))[-1].softmax(-1).amax()
     assert float(stored) != pytest.approx(upright.confidence, abs=1e-4)
@@ -497,10 +498,13 @@ def test_phone_and_browser_formats_are_read_or_named(tmp_path, capsys):
     else:
         (photos / "android.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + bytes(64))
     (photos / "iphone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))  # no decodable content
+    for name in ("live.MOV", "live.aae", ".DS_Store"):  # a phone's video and sidecar, a hidden file
+        (photos / name).write_bytes(b"x")
     ckpt = project_checkpoint(tmp_path / "tiny.pth", tiny_model(), class_names=list(CLASSES), flops=FLOPS)
     code, _, err = run(capsys, "--checkpoint_path", ckpt, "--predict", photos, "--output", tmp_path / "preds.csv")
     rows = {Path(r["path"]).name: r for r in read_csv(tmp_path / "preds.csv")}
     assert code == 0 and sorted(rows) == ["android.avif", "iphone.heic", "web.jfif"], err
+    assert "--predict: left out 2 files of other types (1 .aae, 1 .mov); images are read from .jpg," in err
     assert rows["web.jfif"]["class_index"] and not rows["web.jfif"]["error"]
     assert bool(rows["android.avif"]["class_index"]) == reads_avif
     assert reads_avif or "Pillow 11.2 or newer" in rows["android.avif"]["error"]

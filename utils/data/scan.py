@@ -150,7 +150,7 @@ class _Walker:
                             self.skipped["broken links"] += 1
                         else:
                             self.skipped["other files"] += 1
-                            self.other_types[os.path.splitext(entry.name)[1].lower() or "no suffix"] += 1
+                            self.other_types[suffix_of(entry.name)] += 1
             except OSError as e:
                 raise DataError(f"cannot list {path}: {e.strerror or e}") from None
             self.files += len(images)
@@ -200,9 +200,21 @@ def scan_image_folder(
     if report is not None and time.monotonic() - walker.started >= REPORT_AFTER_S:
         report(f"listed {root}: {len(samples):,} images of {len(classes)} class{'es' if len(classes) != 1 else ''}")
     if report is not None and walker.other_types:
-        counts = sorted(walker.other_types.items(), key=lambda item: (-item[1], item[0]))  # the same on any file system
-        kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in counts[:5])
-        report(f"{root}: left out {sum(walker.other_types.values()):,} files of other types ({kinds}"
-               f"{', ...' if len(walker.other_types) > 5 else ''}); images are read from {', '.join(extensions)}")
+        report(left_out_line(root, walker.other_types, extensions))
     skipped = {k: v for k, v in walker.skipped.items() if v}
     return ScanResult(classes, samples, skipped)
+
+
+def suffix_of(name: str) -> str:
+    """A file's type as :func:`left_out_line` counts it: its suffix in lower case, or ``no suffix``."""
+    return os.path.splitext(name)[1].lower() or "no suffix"
+
+
+def left_out_line(where: str, counts: Counter[str], extensions: Sequence[str]) -> str:
+    """``WHERE: left out N files of other types (3 .heic, 1 .txt); images are read from ...``, the
+    five commonest types first (ties by name, so the line is the same on any file system)."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    kinds = ", ".join(f"{n:,} {suffix}" for suffix, n in ranked[:5]) + (", ..." if len(ranked) > 5 else "")
+    total = sum(counts.values())
+    return (f"{where}: left out {total:,} file{'s' if total != 1 else ''} of other types ({kinds}); images are "
+            f"read from {', '.join(extensions)}")

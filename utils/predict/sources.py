@@ -12,6 +12,7 @@ entry in its batch instead of ending the run.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from ..data.images import heif_decoder
+from ..data.scan import suffix_of
 from ..data.tar_members import is_tar_name, iter_tar_members, open_rgb
 from ..errors import ConfigError, one_line
 
@@ -35,9 +37,9 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
-def walk_images(folder: str | os.PathLike) -> Iterator[str]:
-    """Image files under ``folder``, recursively and in sorted order. Links to folders are
-    followed, each real folder once, so a link loop ends."""
+def _walk_files(folder: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its non-hidden file names, sorted) for ``folder`` and every folder under it, in
+    sorted order. Links to folders are followed, each real folder once, so a link loop ends."""
     seen: set[tuple[int, int]] = set()  # (device, inode) of the folders walked: one entry per folder
     for root, dirs, files in os.walk(folder, followlinks=True):
         try:
@@ -50,9 +52,24 @@ def walk_images(folder: str | os.PathLike) -> Iterator[str]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if is_image_name(name):
-                yield os.path.join(root, name)
+        yield root, sorted(f for f in files if not f.startswith("."))
+
+
+def walk_images(folder: str | os.PathLike) -> Iterator[str]:
+    """Image files under ``folder``, recursively and in sorted order (see :func:`_walk_files`)."""
+    for root, files in _walk_files(folder):
+        yield from (os.path.join(root, name) for name in files if is_image_name(name))
+
+
+def files_left_out(sources: Sequence[str | os.PathLike]) -> Counter[str]:
+    """The files under the folders of ``sources`` that are not images by name (a phone's videos,
+    sidecar files), counted by type: what :func:`iter_image_paths` leaves out of them."""
+    counts: Counter[str] = Counter()
+    for source in sources:
+        if os.path.isdir(source):
+            for _, files in _walk_files(source):
+                counts.update(suffix_of(name) for name in files if not is_image_name(name))
+    return counts
 
 
 def read_list(path: str | os.PathLike) -> Iterator[str]:
