@@ -194,6 +194,17 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_draft_size
     assert decode_rgb(io.BytesIO(photo(2000, 1500, "PNG")), "photo.png", draft=draft).size == (2000, 1500)  # JPEG only
 
 
+def test_the_bomb_limit_applies_to_the_pixels_a_reduced_jpeg_decode_makes(monkeypatch):
+    """A 200-megapixel phone photo, scaled down to 12000 pixels under a limit of 1000 (refused
+    over 2000): at 1/4 scale it decodes; at full size, at 1/2, or as a PNG it stays refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    jpeg, png = photo(120, 100, "JPEG"), photo(120, 100, "PNG")
+    assert decode_rgb(io.BytesIO(jpeg), "big.jpg", draft=12).size == (30, 25)  # 750 pixels decoded
+    for data, draft in ((jpeg, None), (jpeg, 40), (png, 12)):  # 12000, 3000 and 12000 pixels decoded
+        with pytest.raises(DataError, match=r"big.jpg: Image size \(\d+ pixels.*MAX_IMAGE_PIXELS"):
+            decode_rgb(io.BytesIO(data), "big.jpg", draft=draft)
+
+
 def test_unreadable_files_name_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")

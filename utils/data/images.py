@@ -27,13 +27,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import PIL
-from PIL import Image, ImageOps, features
+from PIL import Image, ImageOps, JpegImagePlugin, features
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import DataError
@@ -148,6 +149,30 @@ def _missing_decoder(name: str) -> str:
     return ""
 
 
+def _open_drafted(stream: Any, draft: int) -> Image.Image:
+    """``Image.open`` with a JPEG set to decode at 1/2 or 1/4 scale (see :func:`decode_rgb`); PIL's
+    decompression-bomb limit then applies to the pixels decoded, not to the size stored, so a
+    200-megapixel phone photo decodes (at 1/4: 12.5 megapixels) where a full decode is refused."""
+    start = stream.tell()
+    try:
+        with warnings.catch_warnings():  # the size stored may be over the limit; the size decoded is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream)
+    except Image.DecompressionBombError:
+        stream.seek(start)
+        if stream.read(3) != b"\xff\xd8\xff":  # not a JPEG: nothing is decoded smaller
+            raise
+        stream.seek(start)
+        img = JpegImagePlugin.JpegImageFile(stream)  # the plugin alone: its header, no size check
+    if img.format == "JPEG":
+        img.draft(img.mode, (max(draft, img.width // 8 + 1), draft))  # width // 8 + 1: at most 1/4
+    limit = Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS  # where PIL refuses an image (None: never)
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"Image size ({img.width * img.height} pixels, decoded at a reduced scale) "
+                                           f"exceeds limit of {limit} pixels, could be decompression bomb DOS attack.")
+    return img
+
+
 def load_rgb(path: str, exif_orientation: bool = False, draft: Optional[int] = None) -> Image.Image:
     """Open an image file as 8-bit RGB (see :func:`to_rgb`), or raise a DataError naming the file.
 
@@ -173,9 +198,7 @@ def decode_rgb(stream: Any, name: str, exif_orientation: bool = False, draft: Op
             the decoder makes from each block's mean alone (about 2 levels off per pixel).
     """
     try:
-        img = Image.open(stream)
-        if draft is not None and img.format == "JPEG":
-            img.draft(img.mode, (max(draft, img.width // 8 + 1), draft))  # width // 8 + 1: at most 1/4
+        img = Image.open(stream) if draft is None else _open_drafted(stream, draft)
         img.load()
         return to_rgb(upright(img) if exif_orientation else img)
     except Image.DecompressionBombError as e:
