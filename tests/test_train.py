@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -418,6 +420,24 @@ def test_fake_cifar_is_torchvision_format(tmp_path):
     root = make_fake_cifar(tmp_path / "c100", 100, train_per_batch=4, test_size=6)
     assert len(CIFAR100Files(str(root), train=True)) == 20 and len(CIFAR100Files(str(root)).classes) == 100
     assert len(load_cifar("cifar100", root / "cifar-100-python", False, None)) == 6  # the folder itself works too
+
+
+def test_a_packed_cifar_archive_is_named_with_the_command_that_extracts_it(tmp_path, capsys):
+    """The official download, cifar-10-python.tar.gz, given (or its folder) before extracting."""
+    root = make_fake_cifar(tmp_path / "c10", 10, train_per_batch=4, test_size=6)
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    shutil.rmtree(root / "cifar-10-batches-py")
+    for given in (root, archive):
+        code = train_main.main([str(given), "--config", TINY, "--device", "cpu", "--dataset", "cifar10",
+                                "--output", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 1 and f"is the packed archive: extract it first (tar xzf {archive} -C {root})" in err, err
+    assert not (tmp_path / "out").exists()
+    with tarfile.open(archive) as tf:  # the command it gives makes a folder load_cifar reads
+        tf.extractall(root)
+    assert len(load_cifar("cifar10", root, True, None)) == 20
 
 
 @pytest.mark.parametrize("dataset, classes, source", [("cifar10", 10, "released"), ("cifar100", 100, "ours")])

@@ -51,6 +51,10 @@ def load_cifar(name: str, root: str | os.PathLike, train: bool, transform: Optio
     if not (root / cls.base_folder).is_dir() and root.name == cls.base_folder:
         root = root.parent
     folder = root / cls.base_folder
+    archive = root if root.name == cls.filename else root / cls.filename  # the official download, still packed
+    if not folder.is_dir() and archive.is_file():
+        raise DataError(f"{name}: {archive} is the packed archive: extract it first "
+                        f"(tar xzf {archive} -C {archive.parent}), then pass {archive.parent}")
     if not folder.is_dir():
         raise DataError(f"{name}: no '{cls.base_folder}/' folder in {root} (expected torchvision's "
                         f"python-format {name.upper()}, e.g. extracted from the official archive)")
