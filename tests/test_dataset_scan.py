@@ -62,6 +62,18 @@ def test_a_split_without_class_folders_is_named_before_anything_is_written(small
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unextracted_download_is_named(tmp_path, capsys):
+    """ImageNet's two archives, downloaded and not extracted: one line names them."""
+    for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+        (tmp_path / "imagenet").mkdir(exist_ok=True)
+        (tmp_path / "imagenet" / name).write_bytes(b"")
+    code, out, err = run_main(capsys, quick_args(tmp_path / "imagenet", tmp_path / "out"))
+    assert code == 1 and ("has no 'train/' folder (expected train/ and val/ ImageFolders; found: no folders; archives "
+                          "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar: extract them into train/ and val/ "
+                          "class folders") in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_files_left_out_for_their_type_are_counted_in_one_line(small_data, tmp_path):
     """Phone photos (.heic) in a training folder are not read: one line says how many, by type."""
     data = shutil.copytree(small_data / "train", tmp_path / "train")

@@ -13,6 +13,9 @@ from .images import load_rgb
 from .scan import IMG_EXTENSIONS, list_classes, scan_image_folder
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")  # a download not yet extracted (ImageNet's ILSVRC2012_img_*.tar)
+
+
 def split_dir(root: str | os.PathLike, split: str) -> Path:
     """``root/split`` (``root`` with or without a trailing slash), or a DataError saying what is missing."""
     root = Path(os.path.expanduser(str(root)))
@@ -21,9 +24,12 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     path = root / split
     if not path.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        archives = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+        packed = (f"; archives {', '.join(archives)}: extract them into train/ and val/ class folders, "
+                  f"or name the split's tar shards {split}.tar" if archives else "")
         raise DataError(
             f"dataset folder {root} has no '{split}/' folder (expected train/ and val/ ImageFolders; "
-            f"found: {', '.join(found) if found else 'no folders'})")
+            f"found: {', '.join(found) if found else 'no folders'}{packed})")
     return path
 
 
