@@ -71,7 +71,8 @@ def list_classes(root: str | os.PathLike) -> list[str]:
     except OSError as e:
         raise DataError(f"cannot list {root}: {e.strerror or e}") from None
     if not classes and visible:  # e.g. ImageNet's validation archive, which unpacks without class folders
-        raise DataError(f"{root} has no class folders, only {len(visible):,} files (expected {root}/<class>/<images>: "
+        files = f"{len(visible):,} file{'s' if len(visible) != 1 else ''}"
+        raise DataError(f"{root} has no class folders, only {files} (expected {root}/<class>/<images>: "
                         f"move each image into the folder of its class, named as in the training split)")
     if not classes:
         raise DataError(f"{root} has no class folders (expected {root}/<class>/<images>)")
