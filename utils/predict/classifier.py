@@ -38,10 +38,10 @@ from ..budget.flops import exit_costs
 from ..checkpoint.files import load_checkpoint_file
 from ..checkpoint.weights import build_from_checkpoint, checkpoint_weights
 from ..data.classes import attach_class_names, label_mapper
-from ..data.images import heif_decoder, load_rgb, to_rgb, upright
+from ..data.images import to_rgb, upright
 from ..errors import one_line
 from ..precision import autocast_context, resolve_precision
-from .sources import ImageBatch, check_sources, draft_size, stream_batches
+from .sources import ImageBatch, check_sources, read_photo, stream_batches
 
 
 @dataclass(frozen=True)
@@ -300,14 +300,12 @@ class DVTClassifier:
         items = [image_from_array(x) if isinstance(x, np.ndarray) else x
                  for x in ([images] if isinstance(images, (Image.Image, str, os.PathLike)) else list(images))]
         tensors, paths, errors = [], [], []
-        heif_decoder()
-        draft = draft_size(self.transform)
         for item in items:
             is_image = isinstance(item, Image.Image)
             paths.append(None if is_image else os.fspath(item))
             try:
-                image = to_rgb(upright(item)) if is_image else load_rgb(paths[-1], exif_orientation=True, draft=draft)
-                tensors.append(self.transform(image))
+                tensors.append(self.transform(to_rgb(upright(item))) if is_image else
+                               read_photo(paths[-1], self.transform))
                 errors.append(None)
             except Exception as e:  # one bad image is that image's row, not the end of the call
                 errors.append(one_line(e))

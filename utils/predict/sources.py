@@ -142,16 +142,20 @@ def draft_size(transform: Callable) -> Optional[int]:
     return None
 
 
+def read_photo(path: str, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """An image file (or tar member) as classifying one's own images reads it: HEIC/HEIF too where
+    pillow-heif is installed, turned as its EXIF orientation says, a JPEG decoded at a reduced
+    scale where ``transform`` resizes it much smaller anyway; then ``transform``."""
+    heif_decoder()  # registered once per process, loader workers included
+    return transform(open_rgb(path, exif_orientation=True, draft=draft_size(transform)))
+
+
 def load_batch(paths: list[str], transform: Callable[[Image.Image], torch.Tensor]) -> ImageBatch:
-    """Read each path (turned as its EXIF orientation says; a JPEG decoded at a reduced scale
-    where ``transform`` resizes it much smaller anyway), transform it; a failure is recorded,
-    never raised."""
+    """Read each path (:func:`read_photo`); a failure is recorded, never raised."""
     tensors, errors = [], []
-    heif_decoder()  # in every loader worker too
-    draft = draft_size(transform)
     for path in paths:
         try:
-            tensors.append(transform(open_rgb(path, exif_orientation=True, draft=draft)))
+            tensors.append(read_photo(path, transform))
             errors.append(None)
         except Exception as e:  # any failure of one image (format, truncation, size) stays its own
             errors.append(one_line(e))
