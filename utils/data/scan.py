@@ -91,8 +91,8 @@ class _Walker:
         self.stop = stop
         st = os.stat(root)
         self.seen: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}  # a link back to the root is a loop too
-        self.skipped = {"hidden": 0, "folders seen before": 0, "other files": 0, "broken links": 0}
-        self.other_types: Counter[str] = Counter()  # "other files" by suffix
+        self.skipped = {"hidden": 0, "folders seen before": 0, "broken links": 0}
+        self.other_types: Counter[str] = Counter()  # files of other types, by suffix
         self.files = 0
         self.folders = 0
         self.started = time.monotonic()
@@ -150,7 +150,6 @@ class _Walker:
                         elif not is_file and entry.is_symlink():
                             self.skipped["broken links"] += 1
                         else:
-                            self.skipped["other files"] += 1
                             self.other_types[suffix_of(entry.name)] += 1
             except OSError as e:
                 raise DataError(f"cannot list {path}: {e.strerror or e}") from None
@@ -202,8 +201,8 @@ def scan_image_folder(
         report(f"listed {root}: {len(samples):,} images of {len(classes)} class{'es' if len(classes) != 1 else ''}")
     if report is not None and walker.other_types:
         report(left_out_line(root, walker.other_types, extensions))
-    skipped = {k: v for k, v in walker.skipped.items() if v}
-    return ScanResult(classes, samples, skipped)
+    counts = {**walker.skipped, "other files": sum(walker.other_types.values())}
+    return ScanResult(classes, samples, {k: v for k, v in counts.items() if v})
 
 
 def suffix_of(name: str) -> str:
