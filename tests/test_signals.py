@@ -79,15 +79,13 @@ def test_a_bar_an_exception_left_open_is_cleared_before_the_message():
     """Ctrl-C while a bar iterated inside a generator is on screen: the generator (and so the bar)
     outlives the exception's message, kept by its traceback, and the bar's half line took the
     message (``[00:00<16:16, 2.46it/s]interrupted``). bars_cleared_on_error clears it first."""
-    import io
-
     from utils.run.progress import ProgressBar, bars_cleared_on_error
 
     def batches(stream):
         yield from ProgressBar(range(10), file=stream, leave=False, mininterval=0, desc="predict")
 
     for cleared in (False, True):
-        stream = io.StringIO()
+        stream = _Terminal()
         try:
             with bars_cleared_on_error() if cleared else contextlib.nullcontext():
                 running = batches(stream)  # a local, as in the loops that read batches
@@ -99,6 +97,45 @@ def test_a_bar_an_exception_left_open_is_cleared_before_the_message():
         lines = [part.strip() for part in re.split(r"[\r\n]", stream.getvalue()) if part.strip()]
         assert (lines[-1] == "interrupted") == cleared, (cleared, stream.getvalue())
         del running
+
+
+class _Terminal(io.StringIO):
+    """What a bar writes to a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_bar_in_a_log_writes_a_line_a_minute_and_a_terminal_keeps_its_bar(monkeypatch):
+    """A SLURM log or a pipe keeps a terminal bar's redraws (carriage returns, several a second)
+    as one line growing by thousands of copies. Off a terminal a bar writes plain lines instead, at
+    most one per minute (``DVT_PROGRESS_INTERVAL`` seconds when set), none in a shorter run; on a
+    terminal it is tqdm's bar."""
+    from utils.run.progress import ProgressBar
+
+    log = io.StringIO()
+    for _ in ProgressBar(range(50), desc="val", file=log, leave=False):
+        time.sleep(0.002)
+    assert log.getvalue() == ""
+    monkeypatch.setenv("DVT_PROGRESS_INTERVAL", "0")
+    for _ in ProgressBar(range(3), desc="val", file=log, leave=False):
+        time.sleep(0.002)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) >= 3, log.getvalue()
+    assert re.fullmatch(r"val: 3/3 \(100%\), 00:00 elapsed, 00:00 left, [\d.]+it/s", lines[-1]), lines
+    streamed = io.StringIO()  # no total: a stream of images
+    bar = ProgressBar(unit="img", desc="predict", file=streamed, leave=False)
+    bar.update(16)
+    bar.close()
+    assert re.fullmatch(r"predict: 16 img, 00:00 elapsed, [\d.]+img/s", streamed.getvalue().splitlines()[-1])
+    monkeypatch.setenv("DVT_PROGRESS_INTERVAL", "soon")
+    with pytest.warns(UserWarning, match="DVT_PROGRESS_INTERVAL='soon' is not a number of seconds"):
+        bar = ProgressBar(range(3), file=io.StringIO())
+    assert bar.mininterval == 60
+    terminal = _Terminal()
+    for _ in ProgressBar(range(3), desc="val", file=terminal, mininterval=0, leave=False):
+        pass
+    assert "\r" in terminal.getvalue() and "| 3/3 [" in terminal.getvalue()
 
 
 class _StuckAfterFirst(torch.utils.data.Dataset):
@@ -190,8 +227,7 @@ def wait_until(condition, timeout: float = 120.0) -> None:
 
 
 def read_until(stream, pattern: re.Pattern, seen: list[str]) -> None:
-    """Read ``stream`` character by character (a progress bar redraws its line with carriage
-    returns) until ``pattern`` matches what was read."""
+    """Read ``stream`` character by character until ``pattern`` matches what was read."""
     text = ""
     while not pattern.search(text):
         char = stream.read(1)
@@ -223,7 +259,8 @@ def test_ctrl_c_in_inference_with_workers_prints_one_line(trained_run, tmp_path)
             [sys.executable, str(REPO / "inference.py"), "--data_url", str(data), "--checkpoint_path",
              str(trained_run / "released.pth.tar"), "--eval_mode", "1", "--batch_size", "1", "--workers", "2",
              "--device", "cpu", *progress],
-            env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            env={**SUBPROCESS_ENV, "DVT_PROGRESS_INTERVAL": "0"},  # a pipe's progress: a line per batch
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def interrupt(moment: str, proc: subprocess.Popen, seen: list[str]) -> None:
         for line in proc.stderr:

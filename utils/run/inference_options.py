@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow_class_mismatch", "--allow-class-mismatch", action="store_true",
                      help="evaluate even when the dataset's classes are not the checkpoint's (names when it "
                           "stores them, else their number); without it such a run stops before evaluating")
-    run.add_argument("--no_progress", action="store_true", help="no progress bars")
+    run.add_argument("--no_progress", action="store_true",
+                     help="no progress bars (off a terminal they are a plain line a minute, or every "
+                          "DVT_PROGRESS_INTERVAL seconds)")
     add_calibration_args(parser)
     add_predict_args(parser)
     return parser

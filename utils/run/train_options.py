@@ -241,7 +241,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inject-nonfinite", nargs="*", default=[], metavar="EPOCH:STEP[@RANK]",
                    help="debugging: make the loss of these steps NaN (on every rank, or on RANK)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars on rank 0 (default: when stdout is a terminal)")
+                   help="progress bars on rank 0 (default: when stdout is a terminal; written to a file or a pipe, "
+                        "a plain line a minute, or every DVT_PROGRESS_INTERVAL seconds)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
