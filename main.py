@@ -69,7 +69,8 @@ from utils.train.loop import (
     train_one_epoch,
 )
 from utils.train.model import initial_model
-from utils.train.recipe import build_ema, build_mixup_and_loss, build_optimizer, build_scheduler, scaled_lr
+from utils.train.recipe import (build_ema, build_mixup_and_loss, build_optimizer, build_scheduler, global_batch,
+                                scaled_lr, updates_per_epoch)
 from utils.train.rng import deterministic_mode
 
 _logger = logging.getLogger("dvt.train")
@@ -200,7 +201,8 @@ def training_recipe(
     model_ema = build_ema(args, model)
     if args.compile:  # after the EMA copy, which stays eager; in place, so parameter names do not change
         model.compile(dynamic=True)
-    lr_scheduler, num_epochs = build_scheduler(args, optimizer, data.sampler.per_rank // args.batch_size)
+    lr_scheduler, num_epochs = build_scheduler(
+        args, optimizer, updates_per_epoch(data.sampler.per_rank // args.batch_size, args.grad_accum_steps))
     point = resume(args, env, config, model, optimizer, model_ema, loss_scaler, lr_scheduler, resume_checkpoint)
     if env.distributed:
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -212,7 +214,8 @@ def training_recipe(
         log_interval=args.log_interval, progress=_progress(args, env), stop=stop,
         recovery_interval=args.recovery_interval, bad_image_fraction=args.bad_images_max_fraction,
         normalize=device_normalize(args),
-        guard=StepGuard(env, args.max_bad_steps, parse_injections(args.inject_nonfinite)))
+        guard=StepGuard(env, args.max_bad_steps, parse_injections(args.inject_nonfinite)),
+        accum_steps=args.grad_accum_steps)
     return model, ctx, point, num_epochs
 
 
@@ -248,14 +251,22 @@ def resume(args: argparse.Namespace, env: DistEnv, config: dict, model: nn.Modul
         require_training_checkpoint(checkpoint, args.resume)
         point = restore_training_state(checkpoint, env, model, None if args.no_resume_opt else optimizer,
                                        model_ema, loss_scaler, lr_scheduler)
-        changed = [k for k in ("model", "batch_size", "seed", "img_size", "dataset", "mixup", "cutmix", "lr")
-                   if checkpoint.get("config", {}).get(k, config[k]) != config[k]]
+        changed = [k for k in ("model", "batch_size", "grad_accum_steps", "seed", "img_size", "dataset", "mixup",
+                               "cutmix", "lr")
+                   if checkpoint.get("config", {}).get(k, {"grad_accum_steps": 1}.get(k, config[k])) != config[k]]
         if changed:
             _logger.warning(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
         _logger.info(f"resumed {args.resume}: epoch {point.epoch}, step {point.step}, {point.num_updates} updates")
     if args.start_epoch is not None:
         point.epoch, point.step = args.start_epoch, 0
     return point
+
+
+def _accumulation(args: argparse.Namespace, env: DistEnv) -> str:
+    """`` x N accumulated (G per update)`` of the header line, or nothing without accumulation."""
+    if args.grad_accum_steps == 1:
+        return ""
+    return f" x {args.grad_accum_steps} accumulated ({global_batch(args, env.world_size)} per update)"
 
 
 def log_start(args: argparse.Namespace, env: DistEnv, folder: Path, model: nn.Module, data: TrainData,
@@ -267,7 +278,8 @@ def log_start(args: argparse.Namespace, env: DistEnv, folder: Path, model: nn.Mo
     _logger.info(
         f"{args.model}: {n_params / 1e6:.2f}M parameters, {plain.num_exits} exits, "
         f"{data.num_classes} classes, {args.img_size}px | {env.world_size} process(es) on {env.device.type}"
-        f"{' (' + env.backend + ')' if env.backend else ''} | batch {args.batch_size} x {env.world_size}, "
+        f"{' (' + env.backend + ')' if env.backend else ''} | batch {args.batch_size} x {env.world_size}"
+        f"{_accumulation(args, env)}, "
         f"lr {scaled_lr(args, env.world_size):.3g}, {args.opt}, epochs {num_epochs}"
         f"{f' ({args.epochs} + {args.cooldown_epochs} cooldown)' if cooldown else ''} | precision "
         f"{'apex O1' if args.apex_amp else ctx.amp_dtype or 'float32'} | EMA {'on' if ctx.model_ema else 'off'} | "

@@ -280,6 +280,27 @@ def test_resume_is_bit_identical(tmp_path, image_data, uninterrupted, fault, ext
     assert rows == expected
 
 
+def test_grad_accum_stops_after_its_update_and_resumes_exactly(tmp_path, image_data):
+    """--grad-accum-steps 2 over epochs of 3 batches: updates of 2 and 1 batches. A SIGTERM in the
+    first batch of a group takes effect after the group's update (no half-summed gradients are
+    lost or saved), and the resumed run ends bit for bit where an uninterrupted one does."""
+    extra = (*DETERMINISTIC, "--grad-accum-steps", "2")
+    assert train_main.main(base_args(image_data, tmp_path / "straight", "run", *extra)) == 0
+    straight = load_checkpoint_file(run_dir(tmp_path / "straight", "run") / "last.pth.tar")
+    assert straight["num_updates"] == 4  # two epochs of 2 + 1 batches
+    header = (run_dir(tmp_path / "straight", "run") / "log.txt").read_text().splitlines()[0]
+    assert "batch 8 x 1 x 2 accumulated (16 per update)" in header
+    args = base_args(image_data, tmp_path / "cut", "run", *extra)
+    set_faults(signal_train_at=4)  # the first batch of the second epoch
+    assert train_main.main(args) == 128 + signal.SIGTERM
+    folder = run_dir(tmp_path / "cut", "run")
+    saved = load_checkpoint_file(folder / "last.pth.tar")
+    assert (saved["epoch"], saved["step"], saved["num_updates"]) == (1, 2, 3)
+    set_faults()
+    assert train_main.main(args + ["--resume", str(folder / "last.pth.tar")]) == 0
+    assert_same_training_state(load_checkpoint_file(folder / "last.pth.tar"), straight)
+
+
 def test_external_sigterm_saves_and_resumes_exactly(tmp_path, image_data, uninterrupted):
     """A real SIGTERM from outside, whenever it lands during training."""
     args = base_args(image_data, tmp_path, "run", *DETERMINISTIC[:-2], "--model", "DVT_tiny")

@@ -76,6 +76,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="later stages reuse the previous stage's attention logits")
     g.add_argument("-b", "--batch-size", "--b", dest="batch_size", type=int, default=64, metavar="N",
                    help="batch size per process (--b as in the original README)")
+    g.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                   help="sum the gradients of N batches in each optimizer update: the global batch is "
+                        "batch size x processes x N (the recipes' batch on fewer GPUs)")
     g.add_argument("-vb", "--validation-batch-size-multiplier", type=int, default=1, metavar="N",
                    help="validation batch size = this x batch size")
     g.add_argument("-j", "--workers", type=int, default=8, metavar="N", help="data loading processes per process")
@@ -263,7 +266,8 @@ def check_args(args: argparse.Namespace) -> None:
     args.data_dir = None
     if args.data is None:
         raise ConfigError("no dataset folder: pass DIR (or --data-dir DIR, or 'data' in the config)")
-    positive = dict(batch_size=args.batch_size, img_size=args.img_size, epochs=args.epochs,
+    positive = dict(batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps, img_size=args.img_size,
+                    epochs=args.epochs,
                     validation_batch_size_multiplier=args.validation_batch_size_multiplier,
                     calib_size=args.calib_size)
     for name, value in positive.items():

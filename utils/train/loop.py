@@ -2,6 +2,7 @@
 the meters that sum metrics over ranks, and the stop signal that ends a run resumably."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -115,6 +116,7 @@ class TrainContext:
     guard: Optional[StepGuard] = None  # skips non-finite steps; made from env when None
     bad_image_fraction: float = 0.0  # unreadable training images accepted per epoch (skip policy)
     normalize: Optional[Callable] = None  # uint8 batches to normalised float on the device
+    accum_steps: int = 1  # batches whose gradients one optimizer update sums (--grad-accum-steps)
 
 
 @dataclass
@@ -155,28 +157,78 @@ def _forward(model: nn.Module, ctx: TrainContext, images: torch.Tensor, targets:
 
 
 def _update(model: nn.Module, plain: nn.Module, ctx: TrainContext, loss: torch.Tensor, num_updates: int,
-            guard: StepGuard) -> tuple[int, torch.Tensor]:
-    """One optimizer update from ``loss`` (scaled, clipped), skipped on every rank when the loss
-    is not finite on one of them (or the fp16 gradients overflow), then the EMA and the
-    per-update learning rate; returns (the updates done, 1.0 if skipped as a device scalar)."""
-    ctx.optimizer.zero_grad(set_to_none=True)
+            guard: StepGuard, group: "_Group") -> tuple[int, torch.Tensor]:
+    """Add ``loss``'s gradients (scaled by ``group``'s share) to those of the update under way
+    and, at the last batch of its group, make the update (scaled, clipped), skipped on every rank
+    when a loss of the group is not finite on one of them (or the fp16 gradients overflow), then
+    the EMA and the per-update learning rate. Returns (the updates done, 1.0 as a device scalar
+    when the batch does not count: its loss is not finite, or its update was skipped)."""
+    if group.first:
+        ctx.optimizer.zero_grad(set_to_none=True)
+    loss = loss / group.size if group.size > 1 else loss
     if ctx.loss_scaler is not None:
-        before = scaler_scale(ctx.loss_scaler)
+        before = scaler_scale(ctx.loss_scaler) if group.last else None
         ctx.loss_scaler(loss, ctx.optimizer, clip_grad=ctx.clip_grad, clip_mode=ctx.clip_mode,
-                        parameters=model.parameters())
-        bad = scaler_skipped(ctx.loss_scaler, before, ctx.env.device)
+                        parameters=model.parameters(), need_update=group.last)
+        bad = scaler_skipped(ctx.loss_scaler, before, ctx.env.device) if group.last else _not_finite(loss)
     else:
         bad = guard.loss_flag(loss)
+        group.bad = bad if group.first else torch.maximum(group.bad, bad)
         loss.backward()
-        if ctx.clip_grad is not None:
-            dispatch_clip_grad(model.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
-        guard.optimizer_step(ctx.optimizer, bad)
+        if group.last:
+            if ctx.clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), ctx.clip_grad, mode=ctx.clip_mode)
+            guard.optimizer_step(ctx.optimizer, group.bad)
+            bad = group.bad
+    if not group.last:
+        return num_updates, bad
     num_updates += 1  # a skipped step still advances the schedule, so positions stay comparable
     if ctx.model_ema is not None:
         ctx.model_ema.update(plain, step=num_updates if ctx.ema_warmup else None)
     if ctx.lr_scheduler is not None:
         ctx.lr_scheduler.step_update(num_updates=num_updates)
     return num_updates, bad
+
+
+def _not_finite(loss: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(loss.detach())).float().reshape(())
+
+
+class _Group:
+    """The steps (batches) one optimizer update sums: its first step, its size (the last group of
+    an epoch, and the first after a resume at another grouping, may be short); at one of its
+    steps (:meth:`at`), whether that step is its first and its last; without a scaler, whether a
+    loss of the group so far was not finite."""
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start, self.size = start, size
+        self.first = self.last = False
+        self.bad: Optional[torch.Tensor] = None
+
+    def at(self, step: int) -> "_Group":
+        self.first, self.last = step == self.start, step + 1 == self.start + self.size
+        return self
+
+
+def _step_groups(accum_steps: int, start_step: int, total_steps: int) -> dict[int, _Group]:
+    """Each step of the epoch from ``start_step`` on -> the group of its update (one object per update)."""
+    groups = {}
+    for first, size in update_groups(accum_steps, start_step, total_steps):
+        groups.update(dict.fromkeys(range(first, first + size), _Group(first, size)))
+    return groups
+
+
+def update_groups(accum_steps: int, start_step: int, total_steps: int) -> list[tuple[int, int]]:
+    """(first step, size) of each optimizer update of an epoch of ``total_steps`` batches from
+    ``start_step`` on: groups of ``accum_steps`` batches counted from the epoch's start, the last
+    one shorter when they do not divide the epoch, the first one shorter when the epoch resumes
+    inside a group."""
+    groups, step = [], start_step
+    while step < total_steps:
+        end = min((step // accum_steps + 1) * accum_steps, total_steps)
+        groups.append((step, end - step))
+        step = end
+    return groups
 
 
 def _log_step(ctx: TrainContext, meter: "ExitMeter", bar: Any, where: str, rate: float) -> None:
@@ -199,19 +251,19 @@ def train_one_epoch(
         start_step: int = 0,
         meter: Optional[ExitMeter] = None,
 ) -> EpochResult:
-    """Train one epoch (from ``start_step``); the loss is the sum of the per-exit losses.
+    """Train one epoch (from ``start_step``); the loss is the sum of the per-exit losses, and an
+    optimizer update sums the gradients of ``ctx.accum_steps`` steps (batches).
 
-    Before each step the global RNGs are seeded from (seed, rank, epoch, step). A step whose
-    loss is not finite on some rank is skipped on every rank and counted (``ctx.guard``, which
-    stops the run after too many in a row). Nothing is read on the host per step: the stop
-    request (a signal on any rank), the skip counters and the unreadable-image count are read
-    together every ``log_interval`` steps (and before a recovery checkpoint, and at the end),
-    where a stop request ends the epoch on every rank.
+    Each step's RNGs are seeded from (seed, rank, epoch, step). An update with a non-finite loss
+    on some rank is skipped on every rank and counted (``ctx.guard`` stops the run after too many
+    in a row). Nothing is read on the host per step: the stop request (a signal on any rank), the
+    skip counters and the unreadable-image count are read together after the update that reaches
+    a multiple of ``log_interval`` steps (and before a recovery checkpoint, and at the end), where
+    a stop request ends the epoch on every rank.
 
     Args:
         model: the (possibly DDP-wrapped) cascade returning a tuple of per-exit logits.
-        loader: (images, targets) batches of this epoch from ``start_step`` on (a
-            :class:`utils.data.images.BadImageCounter` under the skip policy).
+        loader: this epoch's (images, targets) batches from ``start_step`` on (a ``BadImageCounter`` when skipping).
         ctx: optimizer, loss, precision, EMA, mixup, scheduler and logging settings.
         epoch: epoch index.
         num_updates: optimizer updates done before this call.
@@ -224,18 +276,21 @@ def train_one_epoch(
     skipped_before = guard.reported
     meter = meter or ExitMeter(plain.num_exits, env.device)
     total_steps = start_step + len(loader)
-    if hasattr(loader, "reset"):
-        loader.reset()
+    getattr(loader, "reset", lambda: None)()  # a BadImageCounter's count
     model.train()
     step, interrupted, samples, bad_images = start_step, False, 0, 0
     started = time.perf_counter()
     bar = ProgressBar(total=total_steps, initial=start_step, desc=f"train {epoch}", disable=not ctx.progress,
                       leave=False, dynamic_ncols=True)
+    groups = _step_groups(ctx.accum_steps, start_step, total_steps)
     for step, (images, targets) in enumerate(loader, start=start_step):
-        num_updates, batch = _train_step(model, plain, ctx, meter, images, targets, epoch, step, num_updates)
+        group = groups[step].at(step)
+        num_updates, batch = _train_step(model, plain, ctx, meter, images, targets, epoch, step, num_updates, group)
         samples += batch * env.world_size
         bar.update(1)
-        stop, bad_images = _sync_point(ctx, loader, meter, bar, epoch, step + 1, total_steps, num_updates,
+        if not group.last:  # the stop request and the checkpoints wait for the update
+            continue
+        stop, bad_images = _sync_point(ctx, loader, meter, bar, epoch, group.start, step + 1, total_steps, num_updates,
                                        samples / max(time.perf_counter() - started, 1e-9), bad_images)
         if stop:
             interrupted, step = True, step + 1
@@ -250,31 +305,37 @@ def train_one_epoch(
 
 
 def _train_step(model: nn.Module, plain: nn.Module, ctx: TrainContext, meter: ExitMeter, images: torch.Tensor,
-                targets: torch.Tensor, epoch: int, step: int, num_updates: int) -> tuple[int, int]:
+                targets: torch.Tensor, epoch: int, step: int, num_updates: int, group: _Group) -> tuple[int, int]:
     """One step with the global RNGs seeded from (seed, rank, epoch, step): the forward pass,
-    the update (skipped on every rank when the loss is not finite on one of them) and the
-    step's metrics; returns (the updates done, the batch size)."""
+    the gradients and, at the last batch of ``group``, the update (skipped on every rank when a
+    loss of the group is not finite on one of them), and the step's metrics; returns (the
+    updates done, the batch size)."""
     guard = ctx.guard
     seed_all(derive_seed(ctx.seed, STREAM_STEP, ctx.env.rank, epoch, step))
-    outputs, losses, hard = _forward(model, ctx, images, targets)
-    losses = guard.poison(losses, epoch, step)
-    num_updates, bad = _update(model, plain, ctx, losses.sum(), num_updates, guard)
-    guard.record(bad, epoch, step)
+    # DDP all-reduces the gradients of the group's last batch only (no_sync must hold the forward pass too)
+    local = model.no_sync() if not group.last and hasattr(model, "no_sync") else contextlib.nullcontext()
+    with local:
+        outputs, losses, hard = _forward(model, ctx, images, targets)
+        losses = guard.poison(losses, epoch, step)
+        num_updates, bad = _update(model, plain, ctx, losses.sum(), num_updates, guard, group)
+    if group.last:
+        guard.record(bad, epoch, step)
     _count(meter, outputs, losses, hard, bad)
     return num_updates, hard.shape[0]
 
 
-def _sync_point(ctx: TrainContext, loader: Any, meter: ExitMeter, bar: Any, epoch: int, done: int, total: int,
-                num_updates: int, rate: float, bad_images: int) -> tuple[bool, int]:
-    """After ``done`` of the epoch's ``total`` steps. At a sync point (every ``log_interval``
-    steps, or 50 without logging; at the end; before a recovery checkpoint): the batched host
-    read of the stop request, the skip counters and the unreadable images, the unreadable-image
-    limit, the log line and, unless stopping, the recovery checkpoint. Returns (stop on every
-    rank, unreadable images so far: ``bad_images`` between sync points)."""
+def _sync_point(ctx: TrainContext, loader: Any, meter: ExitMeter, bar: Any, epoch: int, since: int, done: int,
+                total: int, num_updates: int, rate: float, bad_images: int) -> tuple[bool, int]:
+    """After an update, made from steps ``since`` to ``done`` of the epoch's ``total``. At a sync
+    point (once those steps pass a multiple of ``log_interval``, or of 50 without logging; at the
+    end; before a recovery checkpoint, once they pass a multiple of ``recovery_interval``): the
+    batched host read of the stop request, the skip counters and the unreadable images, the
+    unreadable-image limit, the log line and, unless stopping, the recovery checkpoint. Returns
+    (stop on every rank, unreadable images so far: ``bad_images`` between sync points)."""
     last = done == total
-    log = last or done % (ctx.log_interval or 50) == 0
+    log = last or done // (ctx.log_interval or 50) > since // (ctx.log_interval or 50)
     recover = bool(ctx.recovery_interval and ctx.save_recovery is not None and not last
-                   and done % ctx.recovery_interval == 0)
+                   and done // ctx.recovery_interval > since // ctx.recovery_interval)
     if not (log or recover):
         return False, bad_images
     sync = ctx.guard.sync(ctx.stop is not None and ctx.stop.requested, getattr(loader, "count", 0))

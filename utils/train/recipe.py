@@ -53,10 +53,22 @@ def param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float
 
 
 def scaled_lr(args: argparse.Namespace, world_size: int) -> float:
-    """``--lr``, or ``--lr-base`` x global batch / ``--lr-base-size`` when that is set (DeiT's linear scaling)."""
+    """``--lr``, or ``--lr-base`` x global batch / ``--lr-base-size`` when that is set (DeiT's linear
+    scaling; the global batch counts the batches each update sums, ``--grad-accum-steps``)."""
     if args.lr_base is None:
         return args.lr
-    return args.lr_base * args.batch_size * world_size / args.lr_base_size
+    return args.lr_base * global_batch(args, world_size) / args.lr_base_size
+
+
+def global_batch(args: argparse.Namespace, world_size: int) -> int:
+    """Images per optimizer update: batch size x processes x ``--grad-accum-steps``."""
+    return args.batch_size * world_size * getattr(args, "grad_accum_steps", 1)
+
+
+def updates_per_epoch(steps: int, accum_steps: int) -> int:
+    """Optimizer updates in an epoch of ``steps`` batches, ``accum_steps`` batches each (the last
+    update of an epoch sums what is left)."""
+    return max(1, -(-steps // accum_steps))
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
