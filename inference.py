@@ -58,7 +58,7 @@ from utils.checkpoint.files import load_checkpoint_file
 from utils.checkpoint.release import RESULT_KEYS, require_entries, save_with_results
 from utils.checkpoint.weights import build_from_checkpoint, checkpoint_model_name
 from utils.data.build import read_split, split_classes
-from utils.data.classes import check_checkpoint_classes, check_split_classes
+from utils.data.classes import check_checkpoint_classes, check_split_classes, label_by_number, label_numbered_folders
 from utils.data.loader import BatchShardSampler, calibration_subset, close_loaders, make_loader
 from utils.data.scan import left_out_line
 from utils.data.transforms import calibration_transform, eval_transform
@@ -261,6 +261,8 @@ def calibrate(args: argparse.Namespace, setup: Setup) -> tuple[torch.Tensor, tor
     train_set = on_rank_zero(lambda: read_split(args.data_url, "train", transform))
     if split_classes(args.data_url, "train") is None:  # tar shards: their classes are known once read
         check_split_classes(list(train_set.classes), list(setup.val_set.classes), args.data_url)
+    if train_set.class_to_idx != setup.val_set.class_to_idx:  # numbered folders labelled by number (check_classes)
+        label_by_number(train_set)
     calib_set = calibration_subset(train_set, args.calib_size, args.seed)
     note(f"calibration: {len(calib_set)} training images ({args.calib_transform} transform, seed {args.seed})")
     confidence, correct = sharded_exit_stats(setup.runner, loader(args, calib_set, setup.env), setup.model.num_exits,
@@ -309,13 +311,21 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def check_classes(args: argparse.Namespace, checkpoint: dict, model: DVT, val_set: Any, calibrates: bool) -> None:
-    """The validation classes are the checkpoint's (and the calibration split's), or stop."""
+    """The validation classes are the checkpoint's (and the calibration split's), or stop. Class
+    folders numbered 0 to N - 1 (ImageNet-V2's layout) that the checkpoint was not trained on by
+    those names are the model's classes by number: the images are labelled by their folder's
+    number (a folder dataset's text order, 0, 1, 10, 100, ..., would scramble the labels)."""
     names = list(val_set.classes)
     train_names = split_classes(args.data_url, "train") if calibrates else None
     if train_names is not None:
         check_split_classes(train_names, names, args.data_url)
-    warning = check_checkpoint_classes(checkpoint.get("class_names"), model.num_classes, names,
-                                       args.checkpoint_path, args.allow_class_mismatch)
+    stored = checkpoint.get("class_names")
+    if label_numbered_folders(val_set, stored):
+        stored = None  # the numbers are the model's labels: only their count is checked
+        note(f"val/ has class folders numbered 0 to {len(names) - 1} (ImageNet-V2's layout): each image is labelled "
+             "by its folder's number, the model's class of that index")
+    warning = check_checkpoint_classes(stored, model.num_classes, names, args.checkpoint_path,
+                                       args.allow_class_mismatch)
     if warning:
         note(warning)
 

@@ -50,6 +50,7 @@ from utils.budget.stats import (  # noqa: E402
 from utils.budget.thresholds import thresholds_for_budget  # noqa: E402
 from utils.checkpoint.files import load_checkpoint_file  # noqa: E402
 from utils.checkpoint.weights import build_from_checkpoint  # noqa: E402
+from utils.data.classes import label_numbered_folders  # noqa: E402
 from utils.data.folders import build_split  # noqa: E402
 from utils.data.loader import make_loader, seeded_subset  # noqa: E402
 from utils.data.synthetic import read_manifest  # noqa: E402
@@ -94,7 +95,9 @@ def resolve_thresholds(
             raise ConfigError(f"--budget_index must be between 1 and {table.shape[0]}, got {args.budget_index}")
         return table[args.budget_index - 1].clone(), f"stored thresholds, budget {args.budget_index}"
     if args.calib_split is not None and args.calib_split != args.split:
-        calib_set = seeded_subset(build_split(args.data_url, args.calib_split, transform), args.calib_size, args.seed)
+        calib_split = build_split(args.data_url, args.calib_split, transform)
+        label_numbered_folders(calib_split, checkpoint.get("class_names"))
+        calib_set = seeded_subset(calib_split, args.calib_size, args.seed)
         loader = make_loader(calib_set, None, args.batch_size, args.workers, persistent=False)
     conf, correct = collect_exit_stats(model, loader, progress=False)
     try:
@@ -265,6 +268,9 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.pretrained_cfg
     transform = eval_transform(size, args.crop_pct, cfg["mean"], cfg["std"])
     dataset = build_split(args.data_url, args.split, transform)
+    if label_numbered_folders(dataset, checkpoint.get("class_names")):
+        print(f"{args.split}/ has class folders numbered 0 to {len(dataset.classes) - 1}: each image is labelled by "
+              "its folder's number")
     loader = make_loader(dataset, None, args.batch_size, args.workers, persistent=False)
     flops = exit_gflops(model, size)
     thresholds, source = resolve_thresholds(args, model, checkpoint, loader, transform, flops)

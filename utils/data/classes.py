@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch.nn as nn
 from timm.data import CustomDatasetInfo, DatasetInfo, DatasetInfoLabelMapper, ImageNetInfo, infer_imagenet_subset
 
@@ -98,6 +99,40 @@ def check_checkpoint_classes(
         raise DataError(f"{source} was trained on other classes than this dataset's ({diff}); the accuracies "
                         f"would compare shifted labels. Pass {flag} if the labels do match")
     return f"warning: {diff}; evaluating anyway ({flag})"
+
+
+def numbered_classes(names: Sequence[str]) -> bool:
+    """Whether class folders are named by label numbers, ``0`` to ``N - 1`` (ImageNet-V2's layout),
+    with more than ten of them, so that the text order a folder dataset sorts them in (0, 1, 10,
+    100, ...) is not the numbers' order."""
+    return len(names) > 10 and set(names) == {str(i) for i in range(len(names))}
+
+
+def label_by_number(dataset: Any) -> None:
+    """Relabel a folder dataset (ImageFolder or tar shards) whose class folders are numbered
+    (:func:`numbered_classes`): each image's label becomes its folder's number instead of the
+    folder's place in text order."""
+    number = [int(name) for name in dataset.classes]  # label in text order -> the folder's number
+    dataset.samples = [(path, number[t]) for path, t in dataset.samples]
+    dataset.targets = [t for _, t in dataset.samples]
+    if hasattr(dataset, "imgs"):  # torchvision's other name for the samples
+        dataset.imgs = dataset.samples
+    if hasattr(dataset, "reader"):  # tar shards read their labels from timm's reader
+        dataset.reader.targets = np.asarray(number)[dataset.reader.targets]
+    dataset.classes = sorted(dataset.classes, key=int)
+    dataset.class_to_idx = {name: int(name) for name in dataset.classes}
+
+
+def label_numbered_folders(dataset: Any, trained_names: Optional[Sequence[str]]) -> bool:
+    """Label ``dataset`` by its folders' numbers (:func:`label_by_number`) when they are numbered
+    0 to N - 1 and the checkpoint was not trained on folders of those very names
+    (``trained_names``, its ``class_names``): the numbers are then the model's class indices, as
+    in ImageNet-V2. Returns whether it did."""
+    names = list(dataset.classes)
+    if not numbered_classes(names) or list(trained_names or []) == names:
+        return False
+    label_by_number(dataset)
+    return True
 
 
 def few_classes_warning(num_classes: int) -> Optional[str]:
