@@ -148,6 +148,13 @@ def best_row_within(gflops: Sequence[float], top1: Sequence[float], budget: floa
     return min(fits, key=lambda i: (-top1[i], gflops[i], i)) if fits else None
 
 
+def cheapest_row_reaching(gflops: Sequence[float], top1: Sequence[float], target: float) -> Optional[int]:
+    """0-based index of the cheapest row whose top-1 reaches ``target`` (ties: the more accurate,
+    then the earlier), or None when no row does."""
+    reach = [i for i, acc in enumerate(top1) if acc >= target]
+    return min(reach, key=lambda i: (gflops[i], -top1[i], i)) if reach else None
+
+
 def default_row(gflops: Sequence[float], top1: Sequence[float], tolerance: float = DEFAULT_TOLERANCE) -> int:
     """0-based index of the cheapest row within ``tolerance`` points of the best top-1."""
     best = max(top1)
