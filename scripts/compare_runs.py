@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.budget.choice import as_plain, best_row_within, cheapest_row_reaching  # noqa: E402
 from utils.budget.plots import BudgetCurve, plot_budget_curves  # noqa: E402
 from utils.checkpoint.files import load_checkpoint_file  # noqa: E402
-from utils.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+from utils.errors import CheckpointError, ConfigError, DataError, run_command  # noqa: E402
 
 RESULTS_JSON = "results.json"
 
@@ -135,15 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    try:
-        print("\n".join(compare(args)))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: print("\n".join(compare(args))))
 
 
 if __name__ == "__main__":

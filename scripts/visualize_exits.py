@@ -55,7 +55,7 @@ from utils.data.folders import build_split  # noqa: E402
 from utils.data.loader import make_loader, seeded_subset  # noqa: E402
 from utils.data.synthetic import read_manifest  # noqa: E402
 from utils.data.transforms import eval_transform  # noqa: E402
-from utils.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+from utils.errors import CheckpointError, ConfigError, run_command  # noqa: E402
 
 __all__ = ["parse_thresholds", "resolve_thresholds", "format_threshold", "pick_examples", "draw_exits", "visualize",
            "main"]
@@ -334,15 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    try:
-        visualize(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(lambda: visualize(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The error types behind the one-line ``error: ...`` messages of the command-line tools."""
 from __future__ import annotations
 
+import sys
+from typing import Any, Callable
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work: unknown key, bad value, options that do not fit together."""
@@ -37,3 +40,17 @@ def one_line(error: BaseException) -> str:
         text = rest if sep and " " not in head else last
     lines = text.splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def run_command(body: Callable[[], Any]) -> int:
+    """A script's body run as a command: 0 when done; an expected error ends it with one
+    ``error: ...`` line on stderr and status 2 (bad options) or 1 (data or checkpoint)."""
+    try:
+        body()
+    except ConfigError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
