@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import quick_args, run_main
+import models
+from helpers import error_line, quick_args, run_inference, run_main
+from models.dvt import to_original_state_dict
 from utils.data.scan import scan_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,6 +74,32 @@ def test_an_unextracted_download_is_named(tmp_path, capsys):
                           "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar: extract them into train/ and val/ "
                           "class folders") in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_split_given_as_the_dataset_folder_gets_the_command_that_fixes_it(small_data, tmp_path, capsys):
+    """ImageNet-V2 unpacks to class folders alone, and a val/ folder is easily passed for its
+    parent: the missing-split line says so with the command that makes the expected layout (tried
+    here), and lists a few of the many folders it found, not all of them."""
+    split = shutil.copytree(small_data / "val", tmp_path / "imagenetv2")
+    checkpoint = tmp_path / "c.pth.tar"
+    model = models.build_dvt("DVT_tiny", num_classes=3, img_size=32)
+    torch.save({"model_state_dict": to_original_state_dict(model.state_dict())}, checkpoint)
+    argv = ["--checkpoint_path", checkpoint, "--model", "DVT_tiny", "--img_size", "32", "--eval_mode", "2"]
+    code, _, err = run_inference(capsys, "--data_url", split, *argv)
+    line = error_line(err)
+    assert code == 1 and line.endswith(
+        f"has no 'val/' folder (expected train/ and val/ ImageFolders; found: class_0, class_1, class_2; {split} "
+        f"holds class folders of images itself, one split: put it (or a link to it) at DIR/val and pass DIR, e.g. "
+        f"mkdir -p DIR && ln -s {split} DIR/val)"), line
+    fixed = tmp_path / "DIR"
+    fixed.mkdir()
+    (fixed / "val").symlink_to(split)
+    (fixed / "train").symlink_to(small_data / "train")
+    assert run_inference(capsys, "--data_url", fixed, *argv, "--calib_size", "8")[0] == 0
+    for k in range(20):
+        (tmp_path / "many" / f"{k:02d}").mkdir(parents=True)
+    line = error_line(run_inference(capsys, "--data_url", tmp_path / "many", *argv)[2])
+    assert "found: 00, 01, 02, 03, 04, 05, 06, 07, ... (20 folders))" in line and "holds class folders" not in line
 
 
 def test_files_left_out_for_their_type_are_counted_in_one_line(small_data, tmp_path):

@@ -27,10 +27,28 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
         archives = sorted(p.name for p in root.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
         packed = (f"; archives {', '.join(archives)}: extract them into train/ and val/ class folders, "
                   f"or name the split's tar shards {split}.tar" if archives else "")
+        if not archives and _holds_class_folders(root, found):
+            packed = (f"; {root} holds class folders of images itself, one split: put it (or a link to it) at "
+                      f"DIR/{split} and pass DIR, e.g. mkdir -p DIR && ln -s {root.resolve()} DIR/{split}")
+        listed = ", ".join(found[:8]) + (f", ... ({len(found)} folders)" if len(found) > 8 else "")
         raise DataError(
             f"dataset folder {root} has no '{split}/' folder (expected train/ and val/ ImageFolders; "
-            f"found: {', '.join(found) if found else 'no folders'}{packed})")
+            f"found: {listed or 'no folders'}{packed})")
     return path
+
+
+def _holds_class_folders(root: Path, folders: list[str], look: int = 3) -> bool:
+    """Whether the first few of ``root``'s folders hold image files (a split's class folders,
+    such as ImageNet-V2 unpacks); a few directory entries read at most."""
+    for name in folders[:look]:
+        try:
+            with os.scandir(root / name) as entries:
+                for _, entry in zip(range(50), entries):
+                    if entry.name.lower().endswith(IMG_EXTENSIONS) and entry.is_file():
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 class ImageFolder(datasets.ImageFolder):
