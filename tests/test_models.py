@@ -16,7 +16,7 @@ from helpers import midway, spread_cascade, spread_thresholds
 from models.dvt import to_original_state_dict
 from utils.budget.flops import exit_gflops
 from utils.checkpoint.files import atomic_save, load_checkpoint_file
-from utils.checkpoint.weights import load_checkpoint, load_weights
+from utils.checkpoint.weights import build_from_checkpoint, load_checkpoint, load_weights
 from utils.errors import CheckpointError
 
 ALL_MODELS = ["DVT_T2t_vit_12", "DVT_T2t_vit_14", "DVT_Deit_small", "DVT_Deit_small_49_196",
@@ -130,6 +130,19 @@ def test_checkpoint_for_another_model_is_recognised():
     t2t = golden_state_dict(load_manifest("DVT_T2t_vit_12-nf-nr"), "A")
     with pytest.raises(CheckpointError, match=r"looks like a checkpoint for DVT_T2t_vit_12 \(feature_reuse=False"):
         load_weights(timm.create_model("DVT_T2t_vit_12"), t2t)
+
+
+@pytest.mark.parametrize("name", [None, "DVT_T2t_vit_12"])
+def test_an_ablations_released_weights_build_their_variant_under_its_name(name):
+    """A released file of an ablation (the original layout, no model name, a reuse path off) is
+    built as that variant, also when the command names the model (``inference.py --model
+    DVT_T2t_vit_12``, as the README's command does): that was refused as not fitting."""
+    weights = golden_state_dict(load_manifest("DVT_T2t_vit_12-nf-nr"), "A")
+    model, _ = build_from_checkpoint({"model_state_dict": weights}, "ablation.pth.tar", name=name)
+    assert [(s.feature_reuse, s.relation_reuse) for s in model.stages] == [(False, False)] * 3
+    with pytest.raises(CheckpointError, match=r"is a checkpoint for DVT_T2t_vit_12|looks like a checkpoint for "
+                                              r"DVT_T2t_vit_12 \(feature_reuse=False"):
+        build_from_checkpoint({"model_state_dict": weights}, "ablation.pth.tar", name="DVT_T2t_vit_14")
 
 
 @pytest.mark.parametrize("wrap", ["model_state_dict", "state_dict", "model", None])

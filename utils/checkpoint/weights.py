@@ -181,9 +181,9 @@ def build_from_checkpoint(
         overrides: constructor arguments that replace the stored ones (e.g. ``img_size``).
     """
     state_dict, which = checkpoint_weights(dict(checkpoint), weights, source)
-    if name is None and checkpoint.get("model_name") is None and not _original_options(checkpoint):
-        guess = guess_model(state_dict)  # a released file: it does not name its model
-        if guess is not None:
+    if checkpoint.get("model_name") is None and not _original_options(checkpoint):
+        guess = guess_model(state_dict)  # a released file: it does not name its model, nor its reuse switches
+        if guess is not None and name in (None, guess[0]):  # an ablation's weights (a reuse path off) build it
             default_name, defaults = guess[0], {**guess[1], **(defaults or {})}
     model_name = checkpoint_model_name(checkpoint, source, name, default_name)
     if checkpoint.get("model_name") is not None:
