@@ -132,6 +132,15 @@ def test_checkpoint_for_another_model_is_recognised():
         load_weights(timm.create_model("DVT_T2t_vit_12"), t2t)
 
 
+def test_a_single_exit_models_weights_are_named_with_the_option_that_evaluates_them():
+    """timm's own ViT weights given for a cascade: the error says what they are and how to run them."""
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict()
+    with pytest.raises(CheckpointError, match=r"These are a single-exit model's weights \(timm's layout: blocks\.\*, "
+                                              r"no stages\.\*\): evaluate it as a one-exit baseline with --model and "
+                                              r"its timm name, e\.g\. vit_tiny_patch16_224\.$"):
+        load_weights(timm.create_model("DVT_tiny", num_classes=10), vit)
+
+
 @pytest.mark.parametrize("name", [None, "DVT_T2t_vit_12"])
 def test_an_ablations_released_weights_build_their_variant_under_its_name(name):
     """A released file of an ablation (the original layout, no model name, a reuse path off) is

@@ -49,7 +49,23 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         hint = f" It looks like a checkpoint for {hint}." if hint and hint != name else ""
         if not hint and _other_image_size(given, expected):
             hint = " Only the patch embeddings differ: the weights are for another image size; pass the one they have."
+        if not hint and hasattr(model, "stages") and _single_exit_layout(given):
+            hint = (" These are a single-exit model's weights (timm's layout: blocks.*, no stages.*): evaluate it as a "
+                    f"one-exit baseline with --model and its timm name{_timm_name_hint(given)}.")
         raise CheckpointError(f"checkpoint does not fit {name}: {mismatch}.{hint}")
+
+
+def _single_exit_layout(given: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("blocks.") for k in given) and not any(k.startswith("stages.") for k in given)
+
+
+def _timm_name_hint(given: Mapping[str, torch.Tensor]) -> str:
+    """``, e.g. vit_small_patch16_224`` for a ViT's weights whose width and patch are timm's, else nothing."""
+    patch = given.get("patch_embed.proj.weight")
+    sizes = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
+    if patch is None or patch.dim() != 4 or patch.shape[0] not in sizes:
+        return ""
+    return f", e.g. vit_{sizes[patch.shape[0]]}_patch{patch.shape[-1]}_224"
 
 
 def _other_image_size(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> bool:
