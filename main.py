@@ -67,10 +67,11 @@ from utils.train.loop import (
     evaluate,
     format_metrics,
     train_one_epoch,
+    updates_per_epoch,
 )
 from utils.train.model import initial_model
 from utils.train.recipe import (build_ema, build_mixup_and_loss, build_optimizer, build_scheduler, global_batch,
-                                scaled_lr, updates_per_epoch)
+                                scaled_lr)
 from utils.train.rng import deterministic_mode
 
 _logger = logging.getLogger("dvt.train")

@@ -18,8 +18,8 @@ from timm.utils import NativeScaler
 
 from utils.run.distributed import DistEnv
 from utils.train.guard import StepGuard, fused_kwargs, parse_injections
-from utils.train.loop import TrainContext, train_one_epoch, update_groups
-from utils.train.recipe import global_batch, updates_per_epoch
+from utils.train.loop import TrainContext, train_one_epoch, update_groups, updates_per_epoch
+from utils.train.recipe import global_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

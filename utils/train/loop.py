@@ -231,6 +231,12 @@ def update_groups(accum_steps: int, start_step: int, total_steps: int) -> list[t
     return groups
 
 
+def updates_per_epoch(steps: int, accum_steps: int) -> int:
+    """Optimizer updates in an epoch of ``steps`` batches (:func:`update_groups`; at least one,
+    for the schedule)."""
+    return max(1, len(update_groups(accum_steps, 0, steps)))
+
+
 def _log_step(ctx: TrainContext, meter: "ExitMeter", bar: Any, where: str, rate: float) -> None:
     """The running metrics (reduced over ranks: every rank calls this), on rank 0's log or bar."""
     m = meter.metrics()

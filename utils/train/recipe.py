@@ -62,13 +62,7 @@ def scaled_lr(args: argparse.Namespace, world_size: int) -> float:
 
 def global_batch(args: argparse.Namespace, world_size: int) -> int:
     """Images per optimizer update: batch size x processes x ``--grad-accum-steps``."""
-    return args.batch_size * world_size * getattr(args, "grad_accum_steps", 1)
-
-
-def updates_per_epoch(steps: int, accum_steps: int) -> int:
-    """Optimizer updates in an epoch of ``steps`` batches, ``accum_steps`` batches each (the last
-    update of an epoch sums what is left)."""
-    return max(1, -(-steps // accum_steps))
+    return args.batch_size * world_size * args.grad_accum_steps
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
