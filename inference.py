@@ -320,10 +320,10 @@ def check_classes(args: argparse.Namespace, checkpoint: dict, model: DVT, val_se
     if train_names is not None:
         check_split_classes(train_names, names, args.data_url)
     stored = checkpoint.get("class_names")
-    if label_numbered_folders(val_set, stored):
+    numbered = label_numbered_folders(val_set, stored)
+    if numbered:
         stored = None  # the numbers are the model's labels: only their count is checked
-        note(f"val/ has class folders numbered 0 to {len(names) - 1} (ImageNet-V2's layout): each image is labelled "
-             "by its folder's number, the model's class of that index")
+        note(numbered)
     warning = check_checkpoint_classes(stored, model.num_classes, names, args.checkpoint_path,
                                        args.allow_class_mismatch)
     if warning:

@@ -96,7 +96,7 @@ def resolve_thresholds(
         return table[args.budget_index - 1].clone(), f"stored thresholds, budget {args.budget_index}"
     if args.calib_split is not None and args.calib_split != args.split:
         calib_split = build_split(args.data_url, args.calib_split, transform)
-        label_numbered_folders(calib_split, checkpoint.get("class_names"))
+        label_numbered_folders(calib_split, checkpoint.get("class_names"), args.calib_split)
         calib_set = seeded_subset(calib_split, args.calib_size, args.seed)
         loader = make_loader(calib_set, None, args.batch_size, args.workers, persistent=False)
     conf, correct = collect_exit_stats(model, loader, progress=False)
@@ -268,9 +268,9 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.pretrained_cfg
     transform = eval_transform(size, args.crop_pct, cfg["mean"], cfg["std"])
     dataset = build_split(args.data_url, args.split, transform)
-    if label_numbered_folders(dataset, checkpoint.get("class_names")):
-        print(f"{args.split}/ has class folders numbered 0 to {len(dataset.classes) - 1}: each image is labelled by "
-              "its folder's number")
+    numbered = label_numbered_folders(dataset, checkpoint.get("class_names"), args.split)
+    if numbered:
+        print(numbered)
     loader = make_loader(dataset, None, args.batch_size, args.workers, persistent=False)
     flops = exit_gflops(model, size)
     thresholds, source = resolve_thresholds(args, model, checkpoint, loader, transform, flops)

@@ -127,6 +127,8 @@ def test_class_folders_numbered_0_to_n_are_labelled_by_their_numbers(tmp_path, c
             "--data_url", str(tmp_path / layout), "--checkpoint_path", str(weights), "--model", "DVT_tiny",
             "--img_size", "32", "--thresholds", "2", "2", "--out", str(tmp_path / f"{layout}.png")])
         assert visualize_exits.visualize(args)["top1"] == pytest.approx(100 * 11 / 78), layout
+        said = "val/ has class folders numbered 0 to 11 (ImageNet-V2's layout)" in capsys.readouterr().out
+        assert said == (layout == "numbered"), layout
     shards = tmp_path / "shards"
     shards.mkdir()
     with tarfile.open(shards / "val.tar", "w") as tar:

@@ -123,16 +123,17 @@ def label_by_number(dataset: Any) -> None:
     dataset.class_to_idx = {name: int(name) for name in dataset.classes}
 
 
-def label_numbered_folders(dataset: Any, trained_names: Optional[Sequence[str]]) -> bool:
-    """Label ``dataset`` by its folders' numbers (:func:`label_by_number`) when they are numbered
-    0 to N - 1 and the checkpoint was not trained on folders of those very names
-    (``trained_names``, its ``class_names``): the numbers are then the model's class indices, as
-    in ImageNet-V2. Returns whether it did."""
+def label_numbered_folders(dataset: Any, trained_names: Optional[Sequence[str]], split: str = "val") -> Optional[str]:
+    """Label ``dataset`` (the ``split`` of a dataset folder) by its folders' numbers
+    (:func:`label_by_number`) when they are numbered 0 to N - 1 and the checkpoint was not trained
+    on folders of those very names (``trained_names``, its ``class_names``): the numbers are then
+    the model's class indices, as in ImageNet-V2. Returns the line that says so, or None."""
     names = list(dataset.classes)
     if not numbered_classes(names) or list(trained_names or []) == names:
-        return False
+        return None
     label_by_number(dataset)
-    return True
+    return (f"{split}/ has class folders numbered 0 to {len(names) - 1} (ImageNet-V2's layout): each image is "
+            "labelled by its folder's number, the model's class of that index")
 
 
 def few_classes_warning(num_classes: int) -> Optional[str]:
