@@ -19,7 +19,8 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   its multiply-adds and GFLOP/s;
 * ``--early-exit``: real early exit at the exit shares of budget row ``--budget-index`` (default
   10: the shares at which the paper's T2T-ViT-14 cascade matches its static model) against the
-  static model of matched accuracy (``STATIC_MATCH``; ``--static`` overrides), same dtype, for
+  static model of matched accuracy (``STATIC_MATCH``; ``--static`` overrides, e.g.
+  ``DVT_Deit_small=DeiT-S`` for DeiT-S built from this code), same dtype, for
   each batch size of ``--ee-batches``: one pool of images (a multiple of 7 and of the batch, at
   least ``--pool``, default 112) run batch by batch, the thresholds fitted on the pool itself
   (seeded random weights), so the realised shares are the budget's; batch 1 adds per-image
@@ -375,7 +376,12 @@ def _reference_biases(stage, relations) -> list:
 # same kernels, so the ratio is that of the cascade alone).
 STATIC_MATCH = {"DVT_Deit_small": "deit_small_patch16_224", "DVT_T2t_vit_14": "T2T-ViT-14",
                 "DVT_T2t_vit_12": "T2T-ViT-12"}
-STATIC_T2T = {"T2T-ViT-14": "DVT_T2t_vit_14", "T2T-ViT-12": "DVT_T2t_vit_12"}
+# Static models built from this code: the cascade's last stage alone (14x14 tokens), no reuse.
+# "DeiT-S" is timm's deit_small_patch16_224 in this code's kernels (``--static
+# DVT_Deit_small=DeiT-S``): against it the ratio is the cascade's alone, as for the T2T-ViTs.
+STATIC_OURS = {"T2T-ViT-14": ("DVT_T2t_vit_14", dict(t2t_geometries=((7, 4, 2),))),
+               "T2T-ViT-12": ("DVT_T2t_vit_12", dict(t2t_geometries=((7, 4, 2),))),
+               "DeiT-S": ("DVT_Deit_small", dict(grids=(14,)))}
 
 
 def product_paths(args: argparse.Namespace, device: torch.device) -> None:
@@ -408,12 +414,12 @@ def static_for(name: str, args: argparse.Namespace) -> str:
 
 
 def build_static(name: str, img_size: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A seeded static model: a timm model, or a static T2T-ViT (one 14x14 T2T stage, no reuse)."""
-    if name not in STATIC_T2T:
+    """A seeded static model: a timm model, or one of ``STATIC_OURS`` (one 14x14 stage, no reuse)."""
+    if name not in STATIC_OURS:
         return build(name, img_size, device, dtype)
     torch.manual_seed(0)
-    model = timm.create_model(STATIC_T2T[name], img_size=img_size, t2t_geometries=((7, 4, 2),),
-                              feature_reuse=False, relation_reuse=False)
+    cascade, stage = STATIC_OURS[name]
+    model = timm.create_model(cascade, img_size=img_size, feature_reuse=False, relation_reuse=False, **stage)
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
@@ -761,8 +767,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="images per batch size of --early-exit: the smallest multiple of 7 x the batch that is "
                              f"at least N (default {DEFAULT_POOL})")
     parser.add_argument("--static", nargs="+", default=[], metavar="MODEL=STATIC",
-                        help="static model for a cascade in --early-exit/--latency (default: matched accuracy, "
-                             "else --baseline)")
+                        help="static model for a cascade in --early-exit/--latency: a timm model, or "
+                             f"{', '.join(STATIC_OURS)} built from this code (default: matched accuracy, else "
+                             "--baseline)")
     parser.add_argument("--latency", type=int, default=0, metavar="N", help="batch-1 latency over N images")
     parser.add_argument("--budget-index", type=int, default=10, help="budget row p (1..59) for early exit")
     parser.add_argument("--whole-last-blocks", action="store_true",
@@ -802,10 +809,10 @@ CASCADE_SECTIONS = ("stages", "early_exit", "latency", "compile", "products")
 
 
 def check_model_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every name a timm model (or a static T2T-ViT of ``--static``), and ``--models`` DVT cascades
+    """Every name a timm model (or a static model of ``STATIC_OURS`` in ``--static``), and ``--models`` DVT cascades
     where a section runs their stages: refused before anything is built or timed."""
     static = [item.split("=", 1)[1] for item in args.static]
-    for name in args.models + [args.baseline] + [s for s in static if s not in STATIC_T2T]:
+    for name in args.models + [args.baseline] + [s for s in static if s not in STATIC_OURS]:
         if not is_cascade_name(name):
             parser.error(unknown_model_message(name))
     sections = [f"--{s.replace('_', '-')}" for s in CASCADE_SECTIONS if getattr(args, s)]

@@ -2,6 +2,7 @@
 the simulated one, the extra outputs, and clear errors for bad input."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -571,6 +572,12 @@ def test_speed_benchmark_runs(capfd):
         == "vit_small_patch16_224"
     static = bench.build_static("T2T-ViT-14", 224, torch.device("cpu"), torch.float32)
     assert static.num_exits == 1 and static.stages[0].grid == 14 and static.stages[0].depth == 14
+    # DeiT-S in this code's kernels: the architecture of timm's deit_small_patch16_224, its multiply-adds
+    ours = bench.build_static("DeiT-S", 224, torch.device("cpu"), torch.float32)
+    timm_deit = bench.build_static("deit_small_patch16_224", 224, torch.device("cpu"), torch.float32)
+    assert ours.num_exits == 1 and ours.stages[0].grid == 14 and ours.stages[0].depth == 12
+    assert bench.model_gmacs(ours, 224) == pytest.approx(bench.model_gmacs(timm_deit, 224), rel=1e-3)
+    bench.check_model_names(argparse.ArgumentParser(), bench.parse_args(["--static", "DVT_Deit_small=DeiT-S"]))
     # --products: 3 blocks x 4 linear layers at 2 and 300 rows, and how many float32 inference packs here
     from models import layers
     if layers.fused_linear_works(torch.float32) and layers.packing_works():
