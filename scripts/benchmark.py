@@ -255,11 +255,11 @@ def all_exits(args: argparse.Namespace, device: torch.device, dtypes: Sequence[s
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     fns, gmacs, rows = {}, {}, []
     for name in args.models + [args.baseline]:
-        fp32 = build(name, args.img_size, torch.device("cpu"), torch.float32)
+        fp32 = build_static(name, args.img_size, torch.device("cpu"), torch.float32)
         gmacs[name] = exit_gflops(fp32, args.img_size)[-1] if name.startswith("DVT_") else \
             model_gmacs(fp32, args.img_size)
         for d in dtypes:
-            model = build(name, args.img_size, device, DTYPES[d])
+            model = build_static(name, args.img_size, device, DTYPES[d])
             fns[(name, d)] = (lambda m, xd: lambda: m(xd))(model, x.to(DTYPES[d]))
         if original is not None and name.startswith("DVT_"):
             fns[(name, "original")] = None
@@ -299,7 +299,7 @@ def print_all_exits(rows: list[dict], args: argparse.Namespace, dtypes: Sequence
             r = by.get((name, impl, d))
             if r is None:
                 continue
-            label = "timm (static)" if name == base else impl
+            label = ("this code (static)" if base in STATIC_OURS else "timm (static)") if name == base else impl
             vs_ref = f"{r['img_per_s'] / ref['img_per_s']:.2f}x" if ref else "-"
             vs_orig = f"{r['img_per_s'] / orig['img_per_s']:.2f}x" if orig else "-"
             print(f"| {name} | {r['gmacs']:.3f} | {label} | {d} | {r['img_per_s']:.1f} | {r['gflop_per_s']:.0f} | "
@@ -750,7 +750,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=RELEASED)
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
                         help="default: fp32, and bf16 where the CPU has it natively; fp32 bf16 fp16 on CUDA")
-    parser.add_argument("--baseline", default="deit_small_patch16_224", help="static timm model of the same family")
+    parser.add_argument("--baseline", default="deit_small_patch16_224",
+                        help=f"static model of the same family: a timm model, or {', '.join(STATIC_OURS)} built "
+                             "from this code")
     parser.add_argument("--original", type=Path, default=None,
                         help="checkout of the original implementation: also time it (fp32)")
     parser.add_argument("--batch", type=int, default=32)
@@ -809,11 +811,11 @@ CASCADE_SECTIONS = ("stages", "early_exit", "latency", "compile", "products")
 
 
 def check_model_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every name a timm model (or a static model of ``STATIC_OURS`` in ``--static``), and ``--models`` DVT cascades
+    """Every name a timm model or one of ``STATIC_OURS``, and ``--models`` DVT cascades
     where a section runs their stages: refused before anything is built or timed."""
     static = [item.split("=", 1)[1] for item in args.static]
-    for name in args.models + [args.baseline] + [s for s in static if s not in STATIC_OURS]:
-        if not is_cascade_name(name):
+    for name in args.models + [args.baseline] + static:
+        if name not in STATIC_OURS and not is_cascade_name(name):
             parser.error(unknown_model_message(name))
     sections = [f"--{s.replace('_', '-')}" for s in CASCADE_SECTIONS if getattr(args, s)]
     singles = [name for name in args.models if name not in MODEL_CFGS]

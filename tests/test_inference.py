@@ -592,6 +592,20 @@ def test_speed_benchmark_runs(capfd):
         assert "--products left out" in out
 
 
+def test_speed_benchmark_times_a_static_model_of_this_code(capfd):
+    """scripts/benchmark.py --baseline DeiT-S: timm's DeiT-S and the one built from this code's
+    kernels in the same rounds, labelled apart, with the same multiply-adds."""
+    bench = load_script("benchmark")
+    code = bench.main(["--models", "deit_small_patch16_224", "--baseline", "DeiT-S", "--batch", "1", "--repeats", "1",
+                       "--threads", "1", "--dtypes", "fp32"])
+    out = capfd.readouterr().out
+    rows = {r[0]: r for r in (line.strip("| ").split(" | ") for line in out.splitlines())
+            if r[0] in ("deit_small_patch16_224", "DeiT-S") and len(r) == 9}  # the all-exits table
+    assert code == 0 and rows["DeiT-S"][2] == "this code (static)" and rows["deit_small_patch16_224"][2] == "this"
+    assert rows["DeiT-S"][1] == rows["deit_small_patch16_224"][1] == "4.599"  # GMACs per image
+    assert "Per-FLOP throughput against DeiT-S" in out
+
+
 def test_part_timer_counts_each_part_once_and_leaves_the_model_as_it_was():
     """benchmark.PartTimer: the parts of a cascade timed in one call without changing its answers,
     the wrappers gone again afterwards, and a part's time without that of the timed parts it calls."""
