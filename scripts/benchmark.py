@@ -816,7 +816,8 @@ def check_model_names(parser: argparse.ArgumentParser, args: argparse.Namespace)
     static = [item.split("=", 1)[1] for item in args.static]
     for name in args.models + [args.baseline] + static:
         if name not in STATIC_OURS and not is_cascade_name(name):
-            parser.error(unknown_model_message(name))
+            parser.error(f"{unknown_model_message(name)}; or a static model built from this code: "
+                         f"{', '.join(STATIC_OURS)}")
     sections = [f"--{s.replace('_', '-')}" for s in CASCADE_SECTIONS if getattr(args, s)]
     singles = [name for name in args.models if name not in MODEL_CFGS]
     if sections and singles:

@@ -680,6 +680,10 @@ def test_speed_benchmark_refuses_models_it_cannot_time(capsys):
         ("--baseline", "deit_smal_patch16_224"): "unknown model 'deit_smal_patch16_224'",
         ("--models", "DVT_tiny", "--early-exit", "--static", "DVT_tiny=vit_tinny_patch16_224"):
             "unknown model 'vit_tinny_patch16_224'",
+        ("--models", "DVT_Deit_small", "--early-exit", "--static", "DVT_Deit_small=DeiT-s"):
+            "unknown model 'DeiT-s': neither a DVT model (DVT_T2t_vit_12, DVT_T2t_vit_14, DVT_Deit_small, "
+            "DVT_Deit_small_49_196, DVT_Vit_base_49_196, DVT_tiny) nor a timm model; or a static model built from "
+            "this code: T2T-ViT-14, T2T-ViT-12, DeiT-S",
         ("--models", "deit_tiny_patch16_224", "--stages"):
             "--stages times the stages of DVT cascades; deit_tiny_patch16_224 is not one (DVT models: DVT_T2t_vit_12",
         ("--models", "DVT_tiny", "deit_tiny_patch16_224", "resnet18", "--early-exit", "--products", "2"):
