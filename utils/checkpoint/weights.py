@@ -181,7 +181,7 @@ def build_from_checkpoint(
         **overrides: Any,
 ) -> tuple[nn.Module, str]:
     """The model of any checkpoint (ours, training, released or original layout) with its
-    weights loaded, in eval mode on the CPU, frozen (``requires_grad=False``: what float32
+    weights loaded, in eval mode on the CPU, frozen (``requires_grad=False``: what CPU
     inference packs, :func:`models.layers.packed_weight`); and which weights were used
     (``"model"`` or ``"ema"``).
 
