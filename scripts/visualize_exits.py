@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 from models import DVT  # noqa: E402
 from utils.budget.choice import full_thresholds, stored_thresholds  # noqa: E402
 from utils.budget.flops import exit_gflops  # noqa: E402
+from utils.budget.plots import save_figure  # noqa: E402
 from utils.budget.stats import (  # noqa: E402
     EarlyExitRun,
     collect_early_exit,
@@ -287,9 +288,7 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
                 f"({gflops / flops[-1] * 100:.0f}% of the last exit's {flops[-1]:.3g})\n"
                 f"thresholds {threshold_text}; shown: up to {args.per_exit} random images per exit, "
                 f"caption: prediction, confidence (true class if wrong); frame: right (green) / wrong (red)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    draw_run(args, model, dataset, run, shares, accuracy, suptitle).savefig(out, dpi=args.dpi)
+    out = save_figure(draw_run(args, model, dataset, run, shares, accuracy, suptitle), args.out, dpi=args.dpi)
 
     for k, (share, acc) in enumerate(zip(shares, accuracy)):
         acc_text = "-" if np.isnan(acc) else f"{acc:.2f}%"

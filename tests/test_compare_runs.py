@@ -74,3 +74,33 @@ def test_bad_input_is_one_line_and_writes_nothing(case, status, message, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_a_plot_that_fails_halfway_leaves_the_last_whole_one(tmp_path, monkeypatch, capsys):
+    """The plot is drawn into a temporary file of this process and renamed over ``--out``: a
+    failure while drawing (a full disk) leaves the plot of the run before, whole, and no
+    temporary file; a second run replaces it."""
+    from matplotlib.figure import Figure
+    (tmp_path / "results.json").write_text(json.dumps(FULL))
+    out = tmp_path / "compare.png"
+    assert compare_runs.main([str(tmp_path / "results.json"), "--out", str(out)]) == 0
+    first = out.read_bytes()
+    Image.open(out).verify()
+    real = Figure.savefig
+
+    def full_disk(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(first[:100])  # half an image, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        compare_runs.compare(compare_runs.build_parser().parse_args(
+            [str(tmp_path / "results.json"), "--out", str(out), "--title", "other"]))
+    assert out.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.png", "results.json"]
+    monkeypatch.setattr(Figure, "savefig", real)
+    assert compare_runs.main([str(tmp_path / "results.json"), "--out", str(out), "--title", "other"]) == 0
+    assert out.read_bytes() != first
+    Image.open(out).verify()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.png", "results.json"]

@@ -491,6 +491,30 @@ def test_plot_of_several_curves(tmp_path):
         plot_budget_curves([BudgetCurve("C", [1.0], [])], tmp_path / "x.png")
 
 
+def test_results_json_that_fails_halfway_leaves_the_last_whole_one(tmp_path, monkeypatch):
+    """results.json is written into a temporary file of this process and renamed over the old
+    one: a write that fails halfway (a full disk) leaves the old file whole and no temporary file."""
+    from pathlib import Path
+
+    from utils.budget.report import write_json
+    path = tmp_path / "results.json"
+    write_json({"top1": 1.0}, path)
+    real = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real(self, text[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_json({"top1": 2.0}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"top1": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    write_json({"top1": 2.0}, path)
+    assert json.loads(path.read_text()) == {"top1": 2.0} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
 # -------------------------------------------------------------------------- benchmark
 
 def load_script(name: str):

@@ -81,9 +81,22 @@ def plot_budget_curves(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, path, dpi)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """``fig.savefig(path)`` written atomically: drawn into a temporary file beside ``path``
+    (named for this process, so two runs writing the same plot do not share it), then renamed
+    over it, so a crash or a full disk never leaves half an image in place of the last whole
+    one. The format follows ``path``'s suffix, as ``savefig``'s does."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or None)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -71,9 +71,12 @@ def early_exit_report(label: str, thresholds: torch.Tensor, run: EarlyExitRun, v
 
 def write_json(obj: dict, path: Path) -> None:
     """Write atomically, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # this process's own: two runs may write one folder
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_outputs(folder: str | os.PathLike, report: dict) -> tuple[Path, Path]:
