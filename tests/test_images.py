@@ -208,8 +208,11 @@ def test_the_bomb_limit_applies_to_the_pixels_a_reduced_jpeg_decode_makes(monkey
 def test_unreadable_files_name_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image at all")
-    with pytest.raises(DataError, match="broken.jpg"):
+    with pytest.raises(DataError, match="broken.jpg") as caught:
         load_rgb(str(bad))
+    # the file named once, without Pillow's name for its stream object
+    assert str(caught.value) == (f"cannot read image {bad}: cannot identify image file (not an image, or a kind "
+                                 f"this Pillow does not read)")
     good = tmp_path / "good.png"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(good)
     cut = tmp_path / "cut.png"

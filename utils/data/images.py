@@ -205,6 +205,8 @@ def decode_rgb(stream: Any, name: str, exif_orientation: bool = False, draft: Op
         raise DataError(f"cannot read image {name}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         detail = str(e).strip() or type(e).__name__
+        if detail.startswith("cannot identify image file"):  # Pillow names its stream object: the path is said already
+            detail = "cannot identify image file (not an image, or a kind this Pillow does not read)"
         raise DataError(f"cannot read image {name}: {detail}{_missing_decoder(name)}") from None
 
 
