@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..checkpoint.files import atomic_write
+
 
 class BudgetCurve(NamedTuple):
     """One cascade's numbers.
@@ -85,19 +87,11 @@ def plot_budget_curves(
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """``fig.savefig(path)`` written atomically: drawn into a temporary file beside ``path``
-    (named for this process, so two runs writing the same plot do not share it), then renamed
-    over it, so a crash or a full disk never leaves half an image in place of the last whole
-    one. The format follows ``path``'s suffix, as ``savefig``'s does."""
+    """``fig.savefig(path)`` written atomically (:func:`~utils.checkpoint.files.atomic_write`): a
+    crash or a full disk never leaves half an image in place of the last whole one. The format
+    follows ``path``'s suffix, as ``savefig``'s does."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or None)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower() or None))
 
 
 def plot_accuracy_vs_gflops(

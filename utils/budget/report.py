@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ..checkpoint.files import atomic_write
 from .plots import OperatingPoint, plot_accuracy_vs_gflops
 from .stats import EarlyExitRun, ValRun, exit_shares, expected_gflops
 from .thresholds import BudgetThresholds, evaluate_thresholds, exit_assignment
@@ -70,13 +71,8 @@ def early_exit_report(label: str, thresholds: torch.Tensor, run: EarlyExitRun, v
 
 
 def write_json(obj: dict, path: Path) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # this process's own: two runs may write one folder
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (:func:`~utils.checkpoint.files.atomic_write`), so a reader never sees half a file."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n"))
 
 
 def save_outputs(folder: str | os.PathLike, report: dict) -> tuple[Path, Path]:

@@ -1,5 +1,6 @@
 """Checkpoint files: reading one safely (``weights_only=True``, a clear error for anything
-that is not a checkpoint) and writing or copying one atomically and durably.
+that is not a checkpoint) and writing or copying one atomically and durably; any other file
+the project writes whole (results, plots, folder descriptions) atomically too.
 
 Loading never unpickles arbitrary objects: only numpy scalars, arrays and dtypes and
 ``argparse.Namespace`` are allowed beyond tensors and plain containers (the released files
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -117,6 +118,27 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if cause is not None:  # torch.save reports a failed write as a RuntimeError ("unexpected pos")
             raise CheckpointWriteError(path, cause) from None
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a fresh temporary file beside ``path`` (unique to this call, so two
+    runs writing one path never share it), then renamed over ``path``: a reader, a crash or a
+    full disk never leaves half a file there. The temporary file is removed when ``write``
+    fails; the file gets the permissions the umask gives. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, default_file_mode())  # mkstemp makes 0600 files
+        finally:
+            os.close(fd)
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def default_file_mode() -> int:

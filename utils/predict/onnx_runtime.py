@@ -34,6 +34,7 @@ from models.deploy_onnx import onnx_stage_files
 from models.dvt import EarlyExitOutput, EarlyExitStream, run_early_exit
 
 from ..budget.choice import as_plain
+from ..checkpoint.files import atomic_write
 from ..errors import CheckpointError, ConfigError, one_line
 
 __all__ = ["FOLDER_JSON", "OnnxCascade", "OrtStep", "folder_info", "load_steps", "read_folder_info",
@@ -124,12 +125,9 @@ def _version(distribution: str) -> Optional[str]:
 
 def write_folder_info(folder: str | Path, info: dict[str, Any]) -> Path:
     """Write :data:`FOLDER_JSON` into ``folder``; returns its path."""
-    path = Path(folder) / FOLDER_JSON
-    tmp = path.with_name(path.name + ".tmp")
     lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in info.items()]  # one entry a line
-    tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    text = "{\n" + ",\n".join(lines) + "\n}\n"
+    return atomic_write(Path(folder) / FOLDER_JSON, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_folder_info(folder: str | Path) -> dict[str, Any]:
