@@ -322,14 +322,13 @@ def packs(weight: torch.Tensor) -> bool:
     """Whether :func:`packed_weight` packs ``weight``: a frozen (``requires_grad=False``)
     float32 or bfloat16 ``nn.Parameter``, where this torch and CPU can. Trainable weights are
     not packed: an optimizer may change them in place between two evaluations."""
-    return (isinstance(weight, nn.Parameter) and not weight.requires_grad
-            and weight.dtype in (torch.float32, torch.bfloat16) and packing_works(weight.dtype))
+    return _frozen(weight) and weight.dtype in (torch.float32, torch.bfloat16) and packing_works(weight.dtype)
 
 
-def _frozen_float32(weight: torch.Tensor) -> bool:
-    """A frozen (``requires_grad=False``) float32 ``nn.Parameter``: what :func:`autocast_weight`
-    keeps its casts of."""
-    return isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32
+def _frozen(weight: torch.Tensor) -> bool:
+    """A frozen (``requires_grad=False``) ``nn.Parameter``: what the kept derived weights
+    (:func:`packed_weight`, :func:`autocast_weight`, :func:`channels_last_weight`) are made for."""
+    return isinstance(weight, nn.Parameter) and not weight.requires_grad
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -366,7 +365,7 @@ def autocast_weight(weight: torch.Tensor, dtype: torch.dtype, packed: bool = Fal
     oneDNN's fused product only)."""
     if weight.dtype == dtype:
         return weight
-    if _frozen_float32(weight):
+    if _frozen(weight) and weight.dtype == torch.float32:
         if packed and packing_works(dtype):
             return _derived(_CAST_PACKED, weight,
                             lambda w: torch.ops.mkldnn._reorder_linear_weight(w.flatten(1).to(dtype), None), dtype)
@@ -388,7 +387,7 @@ def channels_last_weight(weight: torch.Tensor, positions: int) -> torch.Tensor:
     anew took about 0.2 ms each (2 cores)."""
     channels = weight.shape[-1] // positions
     make = lambda w: w[..., channels_last_order(channels, positions, w.device)]  # noqa: E731
-    if isinstance(weight, nn.Parameter) and not weight.requires_grad and not capturing_graph():
+    if _frozen(weight) and not capturing_graph():
         return _derived(_REORDERED, weight, make, positions)
     return make(weight)
 
