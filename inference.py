@@ -250,7 +250,7 @@ def prepare(args: argparse.Namespace, env: DistEnv, checkpoint: dict) -> Setup:
     model.to(env.device)
     val_set = on_rank_zero(lambda: read_split(args.data_url, "val", eval_transform(model.img_size)))
     check_classes(args, checkpoint, model, val_set, args.eval_mode == 2 or bool(args.budget))
-    runner = CompiledCascade(model) if args.compile else model
+    runner = CompiledCascade(model, freeze=True) if args.compile else model  # its weights no longer change
     return Setup(model, runner, env, env.device, amp_dtype, flops, flops_source, thresholds, budgets, val_set)
 
 

@@ -6,6 +6,9 @@
 * :func:`compile_stages`: one compiled graph per stage (:class:`models.dvt.ExitStep`), with
   a dynamic batch, for real early exit: the stages see a different number of samples on
   every call. The selection of the samples that go on runs eagerly between the stages.
+* ``freeze=True`` (both, and :class:`CompiledCascade`): inductor's freezing, for a model that
+  no longer changes: the graphs hold the weights as constants, cast, folded and laid out for
+  their kernels once (see :class:`FrozenWeights`).
 * :func:`export_stages` / :func:`save_stages` / :func:`load_stages`: the same stages as
   ``torch.export`` programs with a dynamic batch, written to and read from ``.pt2`` files,
   and run with ``model.forward_early_exit(x, thresholds, steps=...)`` or
@@ -13,17 +16,20 @@
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
 
 from .dvt import DVT
+from .layers import optimizer_steps
 
-__all__ = ["CompiledCascade", "compile_model", "compile_stages", "export_stages", "save_stages", "load_stages",
-           "stage_files"]
+__all__ = ["CompiledCascade", "FrozenWeights", "compile_model", "compile_stages", "export_stages", "save_stages",
+           "load_stages", "stage_files"]
 
 Step = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -32,36 +38,95 @@ class _DynamicBatch:
     """Calls a compiled function with dimension 0 of every tensor argument marked dynamic, so
     that the first call already compiles one graph for every batch size of 2 or more (an
     unmarked call would compile again on the first new size). The compiler specialises
-    sizes 0 and 1: a batch of one gets a graph of its own, compiled once."""
+    sizes 0 and 1: a batch of one gets a graph of its own, compiled once. With ``frozen``
+    (:class:`FrozenWeights`), every call first checks that the weights frozen into the graphs
+    are still the module's."""
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, frozen: Optional["FrozenWeights"] = None) -> None:
         self.fn = fn
+        self.frozen = frozen
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(a, 0)
-        return self.fn(*args)
+        if self.frozen is None:
+            return self.fn(*args)
+        self.frozen.check()
+        # read while the call traces and compiles (inductor's `options` come too late for dynamo)
+        with inductor_config.patch(freezing=True):
+            return self.fn(*args)
 
 
-def compile_model(model: nn.Module, **compile_kwargs) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+class FrozenWeights:
+    """The weights that inductor's freezing makes constants of a module's compiled graphs, and a
+    check that they have not changed since: a graph compiled with ``freezing`` keeps the values
+    its first call read, so a later ``load_state_dict``, ``module.to(...)``, in-place write or
+    optimizer step would go unseen and the graphs would answer with the old weights.
+    :meth:`check` raises instead.
+
+    Freezing is for inference (graphs compiled with gradients on are not frozen) and for
+    inductor; on CPUs it lets inductor fold the bfloat16 casts of the weights (under autocast)
+    and pack them for oneDNN once, as the eager model does (:func:`models.layers.packed_weight`).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.tensors = list(itertools.chain(module.parameters(), module.buffers()))
+        self.seen: Optional[list] = None
+
+    def _state(self) -> list:
+        """Where each tensor's values live and how often they were written in place (``.to()``
+        and ``param.data = ...`` give new storage), and the optimizer steps taken."""
+        return [optimizer_steps()] + [(t.data_ptr(), _version(t)) for t in self.tensors]
+
+    def check(self) -> None:
+        """Record the weights on the first call; raise ``RuntimeError`` when they have changed since."""
+        state = self._state()
+        if self.seen is None:
+            self.seen = state
+        elif state != self.seen:
+            raise RuntimeError("the model's weights changed after its graphs were compiled with freeze=True, which "
+                               "keeps the weights of the first call: compile the model again (a new CompiledCascade)")
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The tensor's version counter; None for a tensor made under inference mode, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _compile(fn: nn.Module, freeze: bool, compile_kwargs: dict[str, Any]) -> _DynamicBatch:
+    """``torch.compile(fn, **compile_kwargs)`` with a dynamic batch; with ``freeze``, inductor's
+    freezing and the weights' check (:class:`FrozenWeights`)."""
+    if freeze and compile_kwargs.get("backend", "inductor") != "inductor":
+        raise ValueError(f"freeze=True is inductor's freezing; backend {compile_kwargs['backend']!r} has none")
+    return _DynamicBatch(torch.compile(fn, **compile_kwargs), FrozenWeights(fn) if freeze else None)
+
+
+def compile_model(model: nn.Module, freeze: bool = False,
+                  **compile_kwargs) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """``torch.compile`` of ``model(x)`` with a dynamic batch dimension.
 
     Args:
         model: a DVT cascade (or any module taking one batch of images).
+        freeze: inductor's freezing, for inference with weights that no longer change
+            (:class:`FrozenWeights`).
         compile_kwargs: passed to ``torch.compile`` (``mode``, ``backend``, ...).
     """
-    return _DynamicBatch(torch.compile(model, **compile_kwargs))
+    return _compile(model, freeze, compile_kwargs)
 
 
-def compile_stages(model: DVT, **compile_kwargs) -> list[Step]:
+def compile_stages(model: DVT, freeze: bool = False, **compile_kwargs) -> list[Step]:
     """One compiled graph per stage for ``model.forward_early_exit(x, thresholds, steps=...)``.
 
     Args:
         model: a DVT cascade in eval mode.
+        freeze: as in :func:`compile_model`.
         compile_kwargs: passed to ``torch.compile``.
     """
-    return [_DynamicBatch(torch.compile(step, **compile_kwargs)) for step in model.exit_steps()]
+    return [_compile(step, freeze, compile_kwargs) for step in model.exit_steps()]
 
 
 @torch.no_grad()
@@ -110,36 +175,43 @@ def load_stages(folder: str | Path) -> list[Step]:
     return [torch.export.load(p).module() for p in paths]
 
 
-
 class CompiledCascade:
     """A DVT cascade whose all-exit forward and early-exit stages run compiled (dynamic batch).
 
     It stands in for the model where only running it matters: ``cascade(x)``,
-    ``cascade.forward_early_exit(x, thresholds)`` and ``cascade.early_exit_stream(thresholds)``
-    (:class:`models.dvt.EarlyExitStream`) give the eager results; every other
+    ``cascade.forward_early_exit(x, thresholds)``, ``cascade.queued_early_exit(batches, thresholds)``
+    and ``cascade.early_exit_stream(thresholds)`` (:class:`models.dvt.EarlyExitStream`) give the
+    eager results (on the compiled stages, unless ``steps`` names others); every other
     attribute is the model's. Graphs are compiled on first use.
 
     Args:
         model: a DVT cascade in eval mode, on its device.
+        freeze: inductor's freezing, for a model whose weights no longer change
+            (:class:`FrozenWeights`): what ``inference.py --compile`` runs.
         compile_kwargs: passed to ``torch.compile``.
     """
 
-    def __init__(self, model: nn.Module, **compile_kwargs) -> None:
+    def __init__(self, model: nn.Module, freeze: bool = False, **compile_kwargs) -> None:
         self.model = model
-        self._forward = compile_model(model, **compile_kwargs)
-        # single-exit baselines have no stages to compile: their early exit stays eager
-        self._steps = compile_stages(model, **compile_kwargs) if hasattr(model, "exit_steps") else None
+        self._forward = compile_model(model, freeze, **compile_kwargs)
+        self._steps = compile_stages(model, freeze, **compile_kwargs) if hasattr(model, "exit_steps") else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._forward(x)
 
-    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor):
-        if self._steps is None:
+    def forward_early_exit(self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor,
+                           steps: Optional[Sequence[Step]] = None):
+        if self._steps is None:  # a single-exit baseline: its early exit stays eager
             return self.model.forward_early_exit(x, thresholds)
-        return self.model.forward_early_exit(x, thresholds, steps=self._steps)
+        return self.model.forward_early_exit(x, thresholds, steps=steps or self._steps)
 
-    def early_exit_stream(self, thresholds: Sequence[float] | torch.Tensor, queue: Optional[int] = None):
-        return self.model.early_exit_stream(thresholds, queue, steps=self._steps)
+    def queued_early_exit(self, batches, thresholds: Sequence[float] | torch.Tensor, queue: Optional[int] = None,
+                          steps: Optional[Sequence[Step]] = None):
+        return self.model.queued_early_exit(batches, thresholds, queue, steps=steps or self._steps)
+
+    def early_exit_stream(self, thresholds: Sequence[float] | torch.Tensor, queue: Optional[int] = None,
+                          steps: Optional[Sequence[Step]] = None):
+        return self.model.early_exit_stream(thresholds, queue, steps=steps or self._steps)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)

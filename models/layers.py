@@ -315,6 +315,11 @@ def _count_optimizer_step(*_) -> None:
     _OPTIMIZER_STEPS[0] += 1
 
 
+def optimizer_steps() -> int:
+    """Optimizer steps taken in this process so far (any optimizer, fused ones included)."""
+    return _OPTIMIZER_STEPS[0]
+
+
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 

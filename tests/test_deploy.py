@@ -11,7 +11,7 @@ import main as train_main
 import models
 from fake_data import make_image_folder
 from helpers import TINY, spread_cascade, spread_thresholds
-from models.deploy import CompiledCascade, export_stages, load_stages, save_stages
+from models.deploy import CompiledCascade, FrozenWeights, compile_model, export_stages, load_stages, save_stages
 from models.dvt import run_early_exit, to_original_state_dict
 
 IMG = 32
@@ -95,6 +95,75 @@ def test_inductor_compiled_cascade_matches_eager():
             got, want = cascade.forward_early_exit(xs, thresholds), model.forward_early_exit(xs, thresholds)
             assert torch.equal(got.exit_index, want.exit_index)
             torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_frozen_graphs_hold_the_weights_and_refuse_changed_ones():
+    """``freeze=True`` (inductor's freezing, what inference.py --compile runs): the eager results
+    within 1e-4; the graphs answer with the weights of their first call (their check bypassed,
+    a changed weight changes nothing), so a changed model is refused."""
+    torch._dynamo.reset()
+    model = spread_cascade(img_size=IMG, seed=4).requires_grad_(False)
+    cascade = CompiledCascade(model, freeze=True)
+    x = torch.randn(6, 3, IMG, IMG)
+    thresholds = spread_thresholds(model, x)
+    with torch.no_grad():
+        for got, want in zip(cascade(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        got, want = cascade.forward_early_exit(x, thresholds), model.forward_early_exit(x, thresholds)
+        assert torch.equal(got.exit_index, want.exit_index)
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+        before = cascade(x)[-1]
+        model.stages[-1].head.bias.add_(1.0)  # every logit of the last exit moves by 1 in eager
+        with pytest.raises(RuntimeError, match="weights changed after its graphs were compiled with freeze=True"):
+            cascade(x)
+        with pytest.raises(RuntimeError, match="compile the model again"):
+            cascade.forward_early_exit(x, thresholds)
+        cascade._forward.frozen.seen = None  # the check bypassed: the graph still holds the old bias
+        torch.testing.assert_close(cascade(x)[-1], before, rtol=0, atol=0)
+        torch.testing.assert_close(model(x)[-1], before + 1, rtol=0, atol=1e-4)
+
+
+def test_frozen_weights_check_sees_every_change():
+    """What the check of frozen graphs' weights sees: nothing when the model is unchanged;
+    ``load_state_dict``, an in-place write, ``module.to(dtype)`` and an optimizer step (fused
+    ones move no version counter) each raise. freeze=True takes inductor alone."""
+    def changes(change) -> bool:
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        frozen = FrozenWeights(module)
+        frozen.check()
+        frozen.check()
+        change(module)
+        try:
+            frozen.check()
+        except RuntimeError:
+            return True
+        return False
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).state_dict()
+    assert not changes(lambda m: m(torch.randn(2, 4)))
+    assert not changes(lambda m: m.eval().requires_grad_(False))
+    assert changes(lambda m: m.load_state_dict(other))
+    with torch.no_grad():
+        assert changes(lambda m: m[1].weight.mul_(2))
+    assert changes(lambda m: m.to(torch.float64))
+
+    def step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the values stay, the step still counts
+        m(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    assert changes(step)
+    with torch.inference_mode():  # weights made under inference mode count no versions
+        module = torch.nn.Linear(4, 3)
+    frozen = FrozenWeights(module)
+    frozen.check()
+    frozen.check()
+    module.to(torch.float64)
+    with pytest.raises(RuntimeError, match="weights changed"):
+        frozen.check()
+    with pytest.raises(ValueError, match="freeze=True is inductor's freezing; backend 'eager' has none"):
+        compile_model(torch.nn.Linear(2, 2), freeze=True, backend="eager")
 
 
 @pytest.mark.slow

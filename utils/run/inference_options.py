@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "with a warning (fp16 needs CUDA)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the all-exit forward and, for --early_exit, each stage (one graph for "
-                          "every batch size); the first batches take longer while it compiles")
+                          "every batch size; inductor's freezing: the weights become constants of the graphs); the "
+                          "first batches take longer while it compiles")
     run.add_argument("--img_size", default=None, type=int,
                      help="input resolution (default: the checkpoint's, else 224)")
     run.add_argument("--num_classes", default=None, type=int,
