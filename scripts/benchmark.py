@@ -33,11 +33,12 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   resampling of relations and features, the feature reuse's MLPs, and the rest (class token and
   positions, norms and heads, exit decisions, gathering the samples that go on), one more pass
   of each with every part timed on its own, and the operator calls per image of each (one pass
-  in torch's profiler);
+  in torch's profiler); ``--ee-compile`` compiles both sides with inductor and freezing, as
+  ``inference.py --compile`` runs them (the warm-up round compiles every graph);
 * ``--latency N``: batch-1 latency of real early exit, every exit and the static model over N images
   (median and 90th percentile, ms), and early exit's median by the exit an image leaves at;
-* ``--compile``: ``torch.compile`` (inductor) against eager, all exits and real early exit:
-  compile time, images/second, largest difference;
+* ``--compile``: ``torch.compile`` (inductor, freezing) against eager, all exits and real early
+  exit: compile time, images/second, largest difference;
 * ``--products ROWS ...``: float32 on the CPU, the linear layers of each model's first stage
   (every block's four, weights read block after block as inference reads them) at each row
   count (tokens x images), torch's plain product against oneDNN's on packed weights, and how
@@ -74,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the DVT models)
+from models.deploy import CompiledCascade, compile_model  # noqa: E402
 from models.dvt import StageOutput  # noqa: E402
 from models.factory import is_cascade_name, unknown_model_message  # noqa: E402
 from models.layers import fused_inference, fused_linear_works, packed_weight, packing_works  # noqa: E402
@@ -436,8 +438,10 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
     """Real early exit at the budget's exit shares against the static model of matched accuracy,
     batch by batch over one pool of images; batch 1 also gives per-image latency."""
     shares = budget_exit_shares(args.budget_index, 3).tolist()
+    compiled = ", both compiled (inductor, freezing)" if args.ee_compile else ""
     print(f"\n### Real early exit (budget row p = {args.budget_index}, exit shares "
-          f"{' / '.join(f'{q:.2f}' for q in shares)}) against the static model, best of {args.repeats} rounds\n")
+          f"{' / '.join(f'{q:.2f}' for q in shares)}) against the static model{compiled}, "
+          f"best of {args.repeats} rounds\n")
     print("| model | static model | dtype | batch | images | exit shares realised | GMACs/img (static) | "
           "early exit img/s | static img/s | early exit / static | FLOPs promise | share of the promise | "
           "queued img/s | queued / static | batch-1 median ms (early / static) | batch-1 p90 ms (early / static) |")
@@ -450,6 +454,8 @@ def early_exit_vs_static(args: argparse.Namespace, device: torch.device, dtypes:
         for d in dtypes:
             model = build(name, args.img_size, device, DTYPES[d])
             base = build_static(static, args.img_size, device, DTYPES[d])
+            if args.ee_compile:
+                model, base = CompiledCascade(model, freeze=True), compile_model(base, freeze=True)
             for batch in args.ee_batches:
                 row = _early_exit_row(model, base, batch, DTYPES[d], flops, args, device)
                 gm, ratio, promise = row["gmacs"], row["early"] / row["static"], base_gmacs / row["gmacs"]
@@ -710,10 +716,9 @@ def batch1_latency(args: argparse.Namespace, device: torch.device, dtypes: Seque
 
 
 def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequence[str]) -> None:
-    """torch.compile (inductor) against eager: compile time and images/second, all exits and
-    real early exit (one compiled graph per stage, dynamic batch)."""
-    from models.deploy import CompiledCascade
-
+    """torch.compile (inductor, with freezing as inference.py --compile runs it) against eager:
+    compile time and images/second, all exits and real early exit (one compiled graph per
+    stage, dynamic batch)."""
     gen = torch.Generator().manual_seed(3)
     print(f"\n### torch.compile against eager, batch {args.batch} (compile: the first calls)\n")
     print("| model | dtype | path | compile s | eager img/s | compiled img/s | speed-up | largest difference |")
@@ -723,7 +728,7 @@ def compile_speedup(args: argparse.Namespace, device: torch.device, dtypes: Sequ
             model = build(name, args.img_size, device, DTYPES[d])
             x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen).to(device, DTYPES[d])
             thresholds = fitted_thresholds(model, x, args.budget_index)
-            cascade = CompiledCascade(model)
+            cascade = CompiledCascade(model, freeze=True)
             with torch.inference_mode():
                 start = time.perf_counter()
                 compiled_all = cascade(x)
@@ -781,6 +786,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="--early-exit also times the parts of each model (embeddings, blocks, reuse paths, "
                              "the rest) in one more pass")
     parser.add_argument("--compile", action="store_true", help="torch.compile against eager (compile time, speed-up)")
+    parser.add_argument("--ee-compile", action="store_true",
+                        help="--early-exit with both sides compiled by inductor with freezing, as inference.py "
+                             "--compile runs (the warm-up round compiles)")
     parser.add_argument("--products", type=int, nargs="+", default=[], metavar="ROWS",
                         help="a first stage's linear layers at these row counts: plain against packed products")
     parser.add_argument("--no-all-exits", action="store_true", help="skip the all-exit table")
@@ -799,9 +807,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if any("=" not in item for item in args.static):
         parser.error("--static takes MODEL=STATIC pairs")
     for flag, given in (("--parts", args.parts), ("--whole-last-blocks", args.whole_last_blocks),
-                        ("--pool", args.pool is not None)):
+                        ("--pool", args.pool is not None), ("--ee-compile", args.ee_compile)):
         if given and not args.early_exit:
             parser.error(f"{flag} adds to --early-exit: pass --early-exit too")
+    if args.ee_compile and (args.parts or args.whole_last_blocks):
+        parser.error("--ee-compile times the compiled graphs whole: --parts and --whole-last-blocks time eager parts")
     args.pool = DEFAULT_POOL if args.pool is None else args.pool
     check_model_names(parser, args)
     return args

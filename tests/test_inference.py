@@ -580,10 +580,14 @@ def test_speed_benchmark_runs(capfd):
     assert parts["8", "relation reuse: convolutions"][2] == parts["8", "feature reuse: MLPs"][2] == "-"
     assert parts["1", "embedding"][1] == "-"  # queued from batch 2 on
     # options of --early-exit: refused without it, not ignored
-    for flags in (["--parts"], ["--whole-last-blocks"], ["--pool", "28"]):
+    for flags in (["--parts"], ["--whole-last-blocks"], ["--pool", "28"], ["--ee-compile"]):
         with pytest.raises(SystemExit):
             bench.parse_args(flags)
         assert "pass --early-exit too" in capfd.readouterr().err
+    for flag in ("--parts", "--whole-last-blocks"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--early-exit", "--ee-compile", flag])
+        assert "--ee-compile times the compiled graphs whole" in capfd.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--early-exit", "--pool", "0"])
     assert "--pool needs at least 1 image" in capfd.readouterr().err
@@ -614,6 +618,26 @@ def test_speed_benchmark_runs(capfd):
         assert [r[6] for r in products] == (["12", "12"] if capability == "AVX512" else ["0", "0"])
     else:
         assert "--products left out" in out
+
+
+@pytest.mark.slow
+def test_speed_benchmark_compiles_both_sides(capfd):
+    """scripts/benchmark.py --early-exit --ee-compile: early exit and the static model both
+    compiled with freezing (the warm-up round compiles), at batch 1 and 4; --compile's table."""
+    torch._dynamo.reset()
+    bench = load_script("benchmark")
+    code = bench.main(["--models", "DVT_tiny", "--img-size", "32", "--repeats", "1", "--threads", "1", "--dtypes",
+                       "fp32", "--static", "DVT_tiny=deit_tiny_patch16_224", "--no-all-exits", "--early-exit",
+                       "--ee-compile", "--ee-batches", "1", "4", "--pool", "28", "--compile", "--batch", "4"])
+    out = capfd.readouterr().out
+    assert code == 0
+    assert "against the static model, both compiled (inductor, freezing)" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| DVT_tiny | deit_tiny_patch16_224 |")]
+    assert [(r[3], r[4]) for r in rows] == [("1", "28"), ("4", "28")]
+    assert all(float(r[7]) > 0 and float(r[8]) > 0 and r[9].endswith("x") for r in rows)
+    compiled = [line.rstrip(" |").split(" | ") for line in out.split("### torch.compile against eager")[1].splitlines()
+                if line.startswith("| DVT_tiny | fp32 |")]
+    assert [r[2] for r in compiled] == ["all exits", "early exit"] and all(float(r[-1]) < 1e-4 for r in compiled)
 
 
 def test_speed_benchmark_times_a_static_model_of_this_code(capfd):
