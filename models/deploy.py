@@ -24,6 +24,7 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn as nn
 from torch.export import Dim, ExportedProgram
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .dvt import DVT
 from .layers import optimizer_steps
@@ -73,6 +74,7 @@ class FrozenWeights:
     def __init__(self, module: nn.Module) -> None:
         self.tensors = list(itertools.chain(module.parameters(), module.buffers()))
         self.seen: Optional[list] = None
+        self.storages: list[StorageWeakRef] = []
 
     def _state(self) -> list:
         """Where each tensor's values live and how often they were written in place (``.to()``
@@ -80,11 +82,15 @@ class FrozenWeights:
         return [optimizer_steps()] + [(t.data_ptr(), _version(t)) for t in self.tensors]
 
     def check(self) -> None:
-        """Record the weights on the first call; raise ``RuntimeError`` when they have changed since."""
+        """Record the weights on the first call; raise ``RuntimeError`` when they have changed since.
+        The storages are told apart as :func:`models.layers.packed_weight` tells them (a weak
+        reference each), so new storage at a freed one's address is not taken for it."""
         state = self._state()
         if self.seen is None:
             self.seen = state
-        elif state != self.seen:
+            self.storages = [StorageWeakRef(t.untyped_storage()) for t in self.tensors]
+        elif state != self.seen or any(ref.expired() or ref.cdata != t.untyped_storage()._cdata
+                                       for ref, t in zip(self.storages, self.tensors)):
             raise RuntimeError("the model's weights changed after its graphs were compiled with freeze=True, which "
                                "keeps the weights of the first call: compile the model again (a new CompiledCascade)")
 
