@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from functools import lru_cache
-from typing import Callable, Optional, Type
+from functools import lru_cache, partial
+from typing import Any, Callable, Optional, Sequence, Type
 
 import numpy as np
 import torch
@@ -397,19 +397,31 @@ def channels_last_weight(weight: torch.Tensor, positions: int) -> torch.Tensor:
     return make(weight)
 
 
-def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor],
-             *tag) -> torch.Tensor:
-    """``make(weight)``, kept in ``cache`` until ``weight`` may have changed (see ``_PACKED``). Made
-    with inference mode off, also when first asked for under ``torch.inference_mode()``: an
-    ordinary tensor, which a later pass with gradients may save for backward."""
-    storage = weight.untyped_storage()
-    key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride(), *tag)
+def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[..., Any],
+             *tag, also: Sequence[torch.Tensor] = ()) -> Any:
+    """``make(weight, *also)``, kept in ``cache`` until ``weight`` or one of ``also`` may have
+    changed (see ``_PACKED``). Made with inference mode off, also when first asked for under
+    ``torch.inference_mode()``: ordinary tensors, which a later pass with gradients may save for backward."""
+    tensors = (weight, *also)
+    storages = [t.untyped_storage() for t in tensors]
+    key = (_OPTIMIZER_STEPS[0], *tag, *((t._version, t.storage_offset(), t.shape, t.stride()) for t in tensors))
     hit = cache.get(weight)
-    if hit is None or hit[0].expired() or hit[0].cdata != storage._cdata or hit[1] != key:
+    if hit is None or hit[1] != key or any(ref.expired() or ref.cdata != s._cdata for ref, s in zip(hit[0], storages)):
         with torch.inference_mode(False):
-            made = make(weight.detach())
-        hit = cache[weight] = (StorageWeakRef(storage), key, made)
+            made = make(*(t.detach() for t in tensors))
+        hit = cache[weight] = ([StorageWeakRef(s) for s in storages], key, made)
     return hit[2]
+
+
+def derived_from_frozen(cache: WeakIdKeyDictionary, params: Sequence[torch.Tensor],
+                        make: Callable[..., Any], *tag) -> Any:
+    """``make(*params, kept=...)``: kept in ``cache`` (one entry per first parameter) until one
+    of ``params`` may have changed, by :func:`packed_weight`'s rules, when they are all frozen
+    ``nn.Parameter``s and no graph is being captured (``kept=True``); else made anew on every
+    call (``kept=False``)."""
+    if capturing_graph() or not all(_frozen(p) for p in params):
+        return make(*params, kept=False)
+    return _derived(cache, params[0], partial(make, kept=True), *tag, also=params[1:])
 
 
 @lru_cache(maxsize=None)

@@ -535,6 +535,41 @@ def test_inference_relation_biases_equal_the_training_path(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_reuse_folds_frozen_weights_once_and_again_when_they_change(dtype):
+    """Eager inference maps the previous stage's tokens for every block at once, with the blocks'
+    MLPs folded: the same features as block by block. Frozen weights are folded once and kept;
+    a change to any block's parameters (not only the first one's) folds them again; trainable
+    weights are folded on every call and never kept."""
+    import models.dvt as dvt
+    torch.manual_seed(0)
+    model = timm.create_model("DVT_Deit_small", depth=3).eval().to(dtype)
+    stage, x = model.stages[1], torch.randn(2, 3, 224, 224)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=3e-2)
+
+    def check() -> None:
+        with torch.no_grad():
+            tokens = list(model.iter_stages(x, num_exits=1))[0].tokens
+            per_block = torch.cat([stage._reused_features(b, tokens) for b in stage.blocks], dim=-1)
+            torch.testing.assert_close(stage._all_reused_features(tokens), per_block, **tol)
+
+    first = stage.blocks[0].feature_reuse_mlp[0].weight
+    check()
+    assert first not in dvt._FOLDED_REUSE  # trainable: folded per call
+    model.requires_grad_(False)
+    check()
+    kept = dvt._FOLDED_REUSE[first][2]
+    check()
+    assert dvt._FOLDED_REUSE[first][2] is kept  # folded once
+    last = stage.blocks[-1].feature_reuse_mlp
+    with torch.no_grad():
+        last[1].fc2.bias.add_(1.0)  # in place, the last block's: folded again
+    check()
+    last.load_state_dict({k: 0.02 * torch.randn_like(v) for k, v in last.state_dict().items()})
+    check()
+    assert dvt._FOLDED_REUSE[first][2] is not kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_accumulates_onto_a_bias_only_when_it_may(dtype):
     """consume_bias: without gradients the logits are written over the bias (same result as
     adding it); with gradients, or without consume_bias, the caller's bias is left alone."""
