@@ -538,8 +538,8 @@ def test_inference_relation_biases_equal_the_training_path(name):
 def test_feature_reuse_folds_frozen_weights_once_and_again_when_they_change(dtype):
     """Eager inference maps the previous stage's tokens for every block at once, with the blocks'
     MLPs folded: the same features as block by block. Frozen weights are folded once and kept;
-    a change to any block's parameters (not only the first one's) folds them again; trainable
-    weights are folded on every call and never kept."""
+    a change to any block's parameters (not only the first one's; in place, loaded, or stepped
+    by a fused optimizer) folds them again; trainable weights are folded on every call and never kept."""
     import models.dvt as dvt
     torch.manual_seed(0)
     model = timm.create_model("DVT_Deit_small", depth=3).eval().to(dtype)
@@ -565,6 +565,15 @@ def test_feature_reuse_folds_frozen_weights_once_and_again_when_they_change(dtyp
         last[1].fc2.bias.add_(1.0)  # in place, the last block's: folded again
     check()
     last.load_state_dict({k: 0.02 * torch.randn_like(v) for k, v in last.state_dict().items()})
+    check()
+    assert dvt._FOLDED_REUSE[first][2] is not kept
+    # trained by a fused optimizer (which moves no version counter), frozen again: folded again
+    kept = dvt._FOLDED_REUSE[first][2]
+    last.requires_grad_(True)
+    opt = torch.optim.AdamW(last.parameters(), lr=0.02, fused=True)
+    last(torch.randn(4, 384, dtype=dtype)).float().square().sum().backward()
+    opt.step()
+    last.requires_grad_(False)
     check()
     assert dvt._FOLDED_REUSE[first][2] is not kept
 
