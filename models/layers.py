@@ -401,15 +401,20 @@ def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[..
              *tag, also: Sequence[torch.Tensor] = ()) -> Any:
     """``make(weight, *also)``, kept in ``cache`` until ``weight`` or one of ``also`` may have
     changed (see ``_PACKED``). Made with inference mode off, also when first asked for under
-    ``torch.inference_mode()``: ordinary tensors, which a later pass with gradients may save for backward."""
-    tensors = (weight, *also)
-    storages = [t.untyped_storage() for t in tensors]
-    key = (_OPTIMIZER_STEPS[0], *tag, *((t._version, t.storage_offset(), t.shape, t.stride()) for t in tensors))
+    ``torch.inference_mode()``: ordinary tensors, which a later pass with gradients may save for
+    backward. On every linear layer's call: kept lean for one tensor."""
+    storage = weight.untyped_storage()
+    key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride(), *tag)
+    others = ()
+    if also:
+        key += tuple((t._version, t.storage_offset(), t.shape, t.stride()) for t in also)
+        others = [t.untyped_storage() for t in also]
     hit = cache.get(weight)
-    if hit is None or hit[1] != key or any(ref.expired() or ref.cdata != s._cdata for ref, s in zip(hit[0], storages)):
+    if (hit is None or hit[0].expired() or hit[0].cdata != storage._cdata or hit[1] != key
+            or (also and any(ref.expired() or ref.cdata != s._cdata for ref, s in zip(hit[3], others)))):
         with torch.inference_mode(False):
-            made = make(*(t.detach() for t in tensors))
-        hit = cache[weight] = ([StorageWeakRef(s) for s in storages], key, made)
+            made = make(weight.detach(), *(t.detach() for t in also))
+        hit = cache[weight] = (StorageWeakRef(storage), key, made, [StorageWeakRef(s) for s in others])
     return hit[2]
 
 
