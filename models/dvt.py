@@ -245,7 +245,7 @@ class DVTStage(nn.Module):
         blocks, with its bias and GELU fused on the CPU as in the blocks), one batched product
         for the second layers and one resampling, instead of twelve of each. Same
         multiply-adds; equal up to rounding. Frozen weights are folded once and kept
-        (:func:`derived_from_frozen`): folding them took 0.5-0.7 ms per call, half of the
+        (:func:`derived_from_frozen`): folding them took 0.5-0.7 ms per call, a third of the
         feature reuse into a stage at one image."""
         mlps = [block.feature_reuse_mlp for block in self.blocks]
         norm, act = mlps[0][0], mlps[0][1].act
