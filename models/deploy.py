@@ -27,7 +27,7 @@ from torch.export import Dim, ExportedProgram
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .dvt import DVT
-from .layers import optimizer_steps
+from .layers import optimizer_steps, same_storages, storage_refs, tensor_state
 
 __all__ = ["CompiledCascade", "FrozenWeights", "compile_model", "compile_stages", "export_stages", "save_stages",
            "load_stages", "stage_files"]
@@ -77,30 +77,20 @@ class FrozenWeights:
         self.storages: list[StorageWeakRef] = []
 
     def _state(self) -> list:
-        """Where each tensor's values live and how often they were written in place (``.to()``
-        and ``param.data = ...`` give new storage), and the optimizer steps taken."""
-        return [optimizer_steps()] + [(t.data_ptr(), _version(t)) for t in self.tensors]
+        """The optimizer steps taken, and each tensor's :func:`models.layers.tensor_state`."""
+        return [optimizer_steps()] + [tensor_state(t) for t in self.tensors]
 
     def check(self) -> None:
-        """Record the weights on the first call; raise ``RuntimeError`` when they have changed since.
-        The storages are told apart as :func:`models.layers.packed_weight` tells them (a weak
-        reference each), so new storage at a freed one's address is not taken for it."""
+        """Record the weights on the first call; raise ``RuntimeError`` when they have changed since
+        (in place, or in other storage: :func:`models.layers.same_storages`), as the eager model's
+        kept weights are told changed (:func:`models.layers.packed_weight`)."""
         state = self._state()
         if self.seen is None:
             self.seen = state
-            self.storages = [StorageWeakRef(t.untyped_storage()) for t in self.tensors]
-        elif state != self.seen or any(ref.expired() or ref.cdata != t.untyped_storage()._cdata
-                                       for ref, t in zip(self.storages, self.tensors)):
+            self.storages = storage_refs(self.tensors)
+        elif state != self.seen or not same_storages(self.storages, self.tensors):
             raise RuntimeError("the model's weights changed after its graphs were compiled with freeze=True, which "
                                "keeps the weights of the first call: compile the model again (a new CompiledCascade)")
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    """The tensor's version counter; None for a tensor made under inference mode, which keeps none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 def _compile(fn: nn.Module, freeze: bool, compile_kwargs: dict[str, Any]) -> _DynamicBatch:

@@ -397,24 +397,46 @@ def channels_last_weight(weight: torch.Tensor, positions: int) -> torch.Tensor:
     return make(weight)
 
 
+def tensor_state(t: torch.Tensor) -> tuple:
+    """What tells that a tensor's values may have changed while its storage stayed: its version
+    counter (None for a tensor made under inference mode, which keeps none; in-place writes),
+    storage offset, shape and strides. With :func:`same_storages` (``.to()``, ``param.data =
+    ...``) and the optimizer steps (fused optimizers move no version counter), the check of
+    every kept derived weight (:func:`packed_weight`) and of frozen compiled graphs."""
+    try:
+        version = t._version
+    except RuntimeError:
+        version = None
+    return version, t.storage_offset(), t.shape, t.stride()
+
+
+def storage_refs(tensors: Sequence[torch.Tensor]) -> list[StorageWeakRef]:
+    """A weak reference to each tensor's storage, for :func:`same_storages`."""
+    return [StorageWeakRef(t.untyped_storage()) for t in tensors]
+
+
+def same_storages(refs: Sequence[StorageWeakRef], tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether each tensor still has the storage its reference was taken of: told by a weak
+    reference, so new storage at a freed one's address is not taken for it."""
+    return all(not ref.expired() and ref.cdata == t.untyped_storage()._cdata for ref, t in zip(refs, tensors))
+
+
 def _derived(cache: WeakIdKeyDictionary, weight: torch.Tensor, make: Callable[..., Any],
              *tag, also: Sequence[torch.Tensor] = ()) -> Any:
     """``make(weight, *also)``, kept in ``cache`` until ``weight`` or one of ``also`` may have
-    changed (see ``_PACKED``). Made with inference mode off, also when first asked for under
-    ``torch.inference_mode()``: ordinary tensors, which a later pass with gradients may save for
-    backward. On every linear layer's call: kept lean for one tensor."""
+    changed (see ``_PACKED`` and :func:`tensor_state`). Made with inference mode off, also when
+    first asked for under ``torch.inference_mode()``: ordinary tensors, which a later pass with
+    gradients may save for backward. On every linear layer's call: kept lean for one tensor."""
     storage = weight.untyped_storage()
     key = (weight._version, _OPTIMIZER_STEPS[0], weight.storage_offset(), weight.shape, weight.stride(), *tag)
-    others = ()
     if also:
-        key += tuple((t._version, t.storage_offset(), t.shape, t.stride()) for t in also)
-        others = [t.untyped_storage() for t in also]
+        key += tuple(tensor_state(t) for t in also)
     hit = cache.get(weight)
     if (hit is None or hit[0].expired() or hit[0].cdata != storage._cdata or hit[1] != key
-            or (also and any(ref.expired() or ref.cdata != s._cdata for ref, s in zip(hit[3], others)))):
+            or (also and not same_storages(hit[3], also))):
         with torch.inference_mode(False):
             made = make(weight.detach(), *(t.detach() for t in also))
-        hit = cache[weight] = (StorageWeakRef(storage), key, made, [StorageWeakRef(s) for s in others])
+        hit = cache[weight] = (StorageWeakRef(storage), key, made, storage_refs(also))
     return hit[2]
 
 
