@@ -41,8 +41,10 @@ Sections (each a markdown table; every row is timed in the same rounds as the ot
   exit: compile time, images/second, largest difference;
 * ``--products ROWS ...``: float32 on the CPU, the linear layers of each model's first stage
   (every block's four, weights read block after block as inference reads them) at each row
-  count (tokens x images), torch's plain product against oneDNN's on packed weights, and how
-  many of them float32 inference runs packed at that count here (``models.layers.fused_inference``).
+  count (tokens x images), torch's plain product against oneDNN's on packed weights, the packed
+  ones again reading the first block's four weights in every block (in cache: what streaming
+  the weights from memory costs), and how many of them float32 inference runs packed at that
+  count here (``models.layers.fused_inference``).
 
 Timing: a warm-up call, then ``--repeats`` rounds in which every configuration runs once in
 turn (``--early-exit``: batch by batch, early exit and the static model in turn on each batch);
@@ -387,13 +389,16 @@ STATIC_OURS = {"T2T-ViT-14": ("DVT_T2t_vit_14", dict(t2t_geometries=((7, 4, 2),)
 
 
 def product_paths(args: argparse.Namespace, device: torch.device) -> None:
-    """--products: a first stage's linear layers, plain products against oneDNN's on packed weights."""
+    """--products: a first stage's linear layers, plain products against oneDNN's on packed weights,
+    and the packed products again with the first block's four weights read in every block (kept
+    in cache, where the stage streams each block's weights from memory)."""
     if device.type != "cpu" or not (fused_linear_works(torch.float32) and packing_works()):
         print("\n--products left out: it needs the CPU and a torch with oneDNN's fused linear and weight packing")
         return
     print(f"\n### Linear layers of a first stage, float32: plain against packed products, best of {args.repeats}\n")
-    print("| model | rows | products | plain ms | packed ms | plain / packed | packed in float32 inference |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| model | rows | products | plain ms | packed ms | plain / packed | packed GFLOP/s | packed, weights in "
+          "cache ms | packed / in cache | packed in float32 inference |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in args.models:
         linears = [layer for block in build(name, args.img_size, device, torch.float32).stages[0].blocks
                    for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)]
@@ -402,11 +407,16 @@ def product_paths(args: argparse.Namespace, device: torch.device) -> None:
             plain = lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in linears]  # noqa: E731
             packed = lambda: [torch.ops.mkldnn._linear_pointwise(  # noqa: E731
                 xs[m.in_features], packed_weight(m.weight), m.bias, "none", [], "") for m in linears]
-            best = race({"plain": plain, "packed": packed}, args.repeats, device)
+            cached = lambda: [torch.ops.mkldnn._linear_pointwise(  # noqa: E731
+                xs[m.in_features], packed_weight(linears[i % 4].weight), m.bias, "none", [], "")
+                for i, m in enumerate(linears)]
+            best = race({"plain": plain, "packed": packed, "cached": cached}, args.repeats, device)
             with torch.no_grad():
                 packs = sum(fused_inference(xs[m.in_features], m.weight) for m in linears)
+            gflops = 2 * rows * sum(m.weight.numel() for m in linears) / best["packed"] / 1e9
             print(f"| {name} | {rows} | {len(linears)} | {best['plain'] * 1e3:.2f} | {best['packed'] * 1e3:.2f} | "
-                  f"{best['plain'] / best['packed']:.2f}x | {packs} |")
+                  f"{best['plain'] / best['packed']:.2f}x | {gflops:.0f} | {best['cached'] * 1e3:.2f} | "
+                  f"{best['packed'] / best['cached']:.2f}x | {packs} |")
 
 
 def static_for(name: str, args: argparse.Namespace) -> str:

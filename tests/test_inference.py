@@ -612,10 +612,16 @@ def test_speed_benchmark_runs(capfd):
         table = out.split("plain against packed products")[1]
         products = [line.rstrip(" |").split(" | ") for line in table.splitlines() if line.startswith("| DVT_tiny |")]
         assert [(r[1], r[2]) for r in products] == [("2", "12"), ("300", "12")]
-        assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in products)
+        assert all(float(r[3]) > 0 and float(r[4]) > 0 and float(r[7]) > 0 for r in products)
+        # GFLOP/s of the packed products, and streamed over in-cache weights, from the columns' own times
+        tiny = bench.build("DVT_tiny", 64, torch.device("cpu"), torch.float32).stages[0].blocks
+        weights = sum(layer.weight.numel() for b in tiny for layer in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2))
+        for r in products:
+            assert float(r[6]) == pytest.approx(2 * int(r[1]) * weights / (float(r[4]) * 1e-3) / 1e9, rel=0.1, abs=1)
+            assert float(r[8].rstrip("x")) == pytest.approx(float(r[4]) / float(r[7]), rel=0.1)
         capability = torch.backends.cpu.get_cpu_capability()
         # DVT_tiny's weights are below AVX2_PACKED_MIN_WEIGHT: packed with AVX-512 code only
-        assert [r[6] for r in products] == (["12", "12"] if capability == "AVX512" else ["0", "0"])
+        assert [r[9] for r in products] == (["12", "12"] if capability == "AVX512" else ["0", "0"])
     else:
         assert "--products left out" in out
 
