@@ -283,25 +283,34 @@ class DVTStage(nn.Module):
 
     def forward(
             self,
-            x: torch.Tensor,
+            x: Optional[torch.Tensor],
             prev: Optional[StageOutput] = None,
             export_relations: bool = False,
+            tokens: Optional[torch.Tensor] = None,
     ) -> StageOutput:
         """Args:
             x: images (B, 3, H, W).
             prev: the previous stage's output; read when this stage reuses features or relations.
             export_relations: keep every block's attention logits for the next stage.
+            tokens: the images' :meth:`embed_images`, already computed (``x`` is then not read).
         """
-        x, reads = self._enter(x, prev)
+        x, reads = self._enter(x, prev, tokens)
         x, relations = self._blocks(x, prev, reads, export_relations, self.depth)
         out = self.head(self.norm(x)[:, 0])
         return StageOutput(out, x, tuple(relations) if export_relations else None)
 
-    def _enter(self, x: torch.Tensor, prev: Optional[StageOutput]) -> tuple[torch.Tensor, tuple]:
-        """Images -> the tokens entering the first block (B, N + 1, C), and what the blocks read
-        of the previous stage: their relation biases, whether each bias is its block's own to
-        write over, and their reused features (None where computed block by block)."""
-        tokens = self._run(self.embed, x.to(self.cls_token.dtype))  # a bf16/fp16 model takes float32 images
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W), in any floating dtype -> patch tokens (B, N, C) in the stage's dtype."""
+        return self._run(self.embed, x.to(self.cls_token.dtype))  # a bf16/fp16 model takes float32 images
+
+    def _enter(self, x: Optional[torch.Tensor], prev: Optional[StageOutput],
+               tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, tuple]:
+        """Images (or their :meth:`embed_images`, ``tokens``) -> the tokens entering the first block
+        (B, N + 1, C), and what the blocks read of the previous stage: their relation biases,
+        whether each bias is its block's own to write over, and their reused features (None
+        where computed block by block)."""
+        if tokens is None:
+            tokens = self.embed_images(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = self.pos_drop(torch.cat((cls, tokens), dim=1) + self.pos_embed)  # (B, N + 1, C)
         biases = self._run(self._relation_biases, prev.relations) if self.relation_reuse else (None,) * self.depth
@@ -320,18 +329,21 @@ class DVTStage(nn.Module):
             relations.append(logits)
         return x, relations
 
-    def forward_class_first(self, x: torch.Tensor, prev: Optional[StageOutput] = None,
-                            export_relations: bool = False) -> tuple[torch.Tensor, "LastBlockInputs", tuple]:
+    def forward_class_first(self, x: Optional[torch.Tensor], prev: Optional[StageOutput] = None,
+                            export_relations: bool = False,
+                            tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, "LastBlockInputs", tuple]:
         """The stage as early exit runs it: every block but the last, then the last block for
         the class token alone, which is all the exit reads (the other tokens attend and pass
         their MLP only for the samples that go on: ``stage.blocks[-1].finish(*inputs)``). Inference only.
+
+        ``tokens``: the images' :meth:`embed_images`, already computed (``x`` is then not read).
 
         Returns:
             The exit's logits (B, num_classes); what the last block needs to finish
             (:class:`LastBlockInputs`); the attention logits of the blocks before it when
             ``export_relations`` (else empty).
         """
-        x, reads = self._enter(x, prev)
+        x, reads = self._enter(x, prev, tokens)
         x, relations = self._blocks(x, prev, reads, export_relations, self.depth - 1)
         biases, _, reused = reads
         last = self.blocks[-1]
@@ -720,14 +732,27 @@ class DVT(nn.Module):
         for stage in self.stages:
             stage.reset_classifier(num_classes)
 
-    def iter_stages(self, x: torch.Tensor, num_exits: Optional[int] = None) -> Iterator[StageOutput]:
-        """Run the first ``num_exits`` stages (all by default), yielding each stage's output."""
+    def iter_stages(self, x: Optional[torch.Tensor], num_exits: Optional[int] = None,
+                    tokens: Optional[Sequence[torch.Tensor]] = None) -> Iterator[StageOutput]:
+        """Run the first ``num_exits`` stages (all by default), yielding each stage's output;
+        with ``tokens`` (:meth:`embed_images`, computed beforehand) ``x`` is not read."""
         num_exits = self.num_exits if num_exits is None else num_exits
-        self._check_images(x)
+        if tokens is None:
+            self._check_images(x)
         prev = None
         for k in range(num_exits):
-            prev = self.stages[k](x, prev, export_relations=self._exports_relations(k))
+            prev = self.stages[k](x, prev, export_relations=self._exports_relations(k),
+                                  tokens=None if tokens is None else tokens[k])
             yield prev
+
+    def embed_images(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every stage's patch tokens of images ``x`` (:meth:`DVTStage.embed_images`)."""
+        self._check_images(x)
+        return tuple(stage.embed_images(x) for stage in self.stages)
+
+    def from_tokens(self, *tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward` from every stage's patch tokens, ``embed_images(x)``."""
+        return tuple(out.logits for out in self.iter_stages(None, tokens=tokens))
 
     def _check_images(self, x: torch.Tensor) -> torch.Tensor:
         """``x``, once checked: the stages' token grids and position tables are built for one input
@@ -873,7 +898,16 @@ class ExitStep(nn.Module):
         return parts + [f"relations_{i}" for i in range(self.stage.depth - 1)] * self.export_relations
 
     def forward(self, x: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, inputs, relations = self.stage.forward_class_first(x, self._previous(carry), self.export_relations)
+        return self.from_tokens(*self.embed_images(x), *carry)
+
+    def embed_images(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        """The stage's patch tokens of images ``x`` (:meth:`DVTStage.embed_images`), as a 1-tuple."""
+        return (self.stage.embed_images(x),)
+
+    def from_tokens(self, tokens: torch.Tensor, *carry: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward` from the images' patch tokens, ``stage.embed_images(x)``."""
+        logits, inputs, relations = self.stage.forward_class_first(None, self._previous(carry), self.export_relations,
+                                                                   tokens=tokens)
         confidence = logits.float().softmax(dim=-1).amax(dim=-1)  # (B,)
         if not self.hand_on:
             return logits, confidence

@@ -43,6 +43,41 @@ def test_compiled_stages_one_graph_each_and_eager_results():
     assert not counters["graph_break"]
 
 
+def test_compiled_t2t_cascade_embeds_eagerly_on_the_cpu(monkeypatch):
+    """A T2T cascade compiled on the CPU: each stage's tokens-to-token embedding runs eagerly on
+    every call, outside the graphs (faster than inductor's code for it), and the rest is still
+    one graph for the all-exit forward and one per stage, for every batch size, without breaks;
+    the eager results, all exits and real early exit."""
+    from models.dvt import T2TEmbed
+    torch._dynamo.reset()
+    counters.clear()
+    model = spread_cascade("DVT_T2t_vit_12", img_size=224, embed_dim=32, num_heads=2, seed=1)
+    calls = {"eager": 0, "traced": 0}
+    forward = T2TEmbed.forward
+
+    def counted(self, x):
+        calls["traced" if torch.compiler.is_compiling() else "eager"] += 1
+        return forward(self, x)
+
+    monkeypatch.setattr(T2TEmbed, "forward", counted)
+    cascade = CompiledCascade(model, backend="eager")
+    with torch.no_grad():
+        for b in (4, 3):
+            x = torch.randn(b, 3, 224, 224)
+            for got, want in zip(cascade(x), model(x)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        assert calls == {"eager": 2 * 2 * model.num_exits, "traced": 0}  # compiled and eager, both batches
+        assert counters["stats"]["unique_graphs"] == 1
+        x = torch.randn(12, 3, 224, 224)
+        thresholds = spread_thresholds(model, x)
+        got, want = cascade.forward_early_exit(x, thresholds), model.forward_early_exit(x, thresholds)
+        assert torch.equal(got.exit_index, want.exit_index) and set(got.exit_index.tolist()) == {0, 1, 2}
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+    assert calls["traced"] == 0
+    assert counters["stats"]["unique_graphs"] == 1 + model.num_exits
+    assert not counters["graph_break"]
+
+
 @pytest.mark.parametrize("name, img_size", [("DVT_tiny", IMG), ("DVT_T2t_vit_12", 224)])
 def test_jit_trace_captures_the_plain_operations(name, img_size):
     """``torch.jit.trace`` (and so the legacy ONNX exporter) of a cascade in CPU inference: the
