@@ -752,6 +752,9 @@ class DVT(nn.Module):
 
     def from_tokens(self, *tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """:meth:`forward` from every stage's patch tokens, ``embed_images(x)``."""
+        if len(tokens) != self.num_exits:
+            raise ValueError(f"from_tokens takes the patch tokens of every stage ({self.num_exits}, "
+                             f"model.embed_images(x)), got {len(tokens)}")
         return tuple(out.logits for out in self.iter_stages(None, tokens=tokens))
 
     def _check_images(self, x: torch.Tensor) -> torch.Tensor:

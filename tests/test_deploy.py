@@ -76,6 +76,8 @@ def test_compiled_t2t_cascade_embeds_eagerly_on_the_cpu(monkeypatch):
     assert calls["traced"] == 0
     assert counters["stats"]["unique_graphs"] == 1 + model.num_exits
     assert not counters["graph_break"]
+    with pytest.raises(ValueError, match=r"from_tokens takes the patch tokens of every stage \(3, "):
+        model.from_tokens(*model.embed_images(x)[:2])
 
 
 @pytest.mark.parametrize("name, img_size", [("DVT_tiny", IMG), ("DVT_T2t_vit_12", 224)])
